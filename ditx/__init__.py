@@ -1,0 +1,23 @@
+"""ditx: one Diffusion Transformer backbone for images, video and 3D ("DiT-for-X")."""
+
+from ditx.attention import attention
+from ditx.dit import DIT_PRESETS, DiT, build_dit
+from ditx.registry import autoencoders, datasets, load_plugins, metrics, objectives, tokenizers
+from ditx.tokenizer import PatchTokenizer, Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIT_PRESETS",
+    "DiT",
+    "PatchTokenizer",
+    "Tokenizer",
+    "attention",
+    "autoencoders",
+    "build_dit",
+    "datasets",
+    "load_plugins",
+    "metrics",
+    "objectives",
+    "tokenizers",
+]

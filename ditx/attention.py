@@ -1,0 +1,111 @@
+"""One attention entry point with interchangeable backends.
+
+``attention(q, k, v)`` takes ``(B, heads, N, head_dim)`` tensors (torch's layout) and
+dispatches to
+
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA, fp16/bf16, installed);
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels on CPU and GPU);
+- ``math``: softmax(q kᵀ · scale + mask) v written out in float32, the reference;
+- ``auto``: xformers where it can run, else sdpa.
+
+Masks are boolean (True = may attend) or additive float, broadcastable to
+``(B, heads, Nq, Nk)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+
+@functools.lru_cache(maxsize=None)
+def _xformers_ops():
+    if importlib.util.find_spec("xformers") is None:
+        return None
+    try:
+        import xformers.ops as xops
+    except Exception:  # a broken install (e.g. built for another torch) behaves as absent
+        return None
+    return xops
+
+
+def xformers_unavailable_reason(q: Tensor) -> str | None:
+    """Why the xformers backend cannot run on ``q`` (None if it can)."""
+    if _xformers_ops() is None:
+        return "xformers is not installed (pip install 'ditx[xformers]', CUDA only)"
+    if q.device.type != "cuda":
+        return f"xformers kernels need CUDA tensors, got device {q.device.type!r}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"xformers is used for float16/bfloat16 only, got {q.dtype} (use sdpa for float32)"
+    return None
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The backend that ``attention`` would run for ``backend`` on ``q``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "xformers" if xformers_unavailable_reason(q) is None else "sdpa"
+    if backend == "xformers":
+        reason = xformers_unavailable_reason(q)
+        if reason is not None:
+            raise RuntimeError(f"attention backend 'xformers' cannot run: {reason}; use 'auto' or 'sdpa'")
+    return backend
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Reference attention, computed in float32 with the full score matrix."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v.float())
+    return out.to(q.dtype)
+
+
+def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    xops = _xformers_ops()
+    bias = None
+    if mask is not None:
+        b, h, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        # xformers wants a bias whose storage rows are 8-aligned: allocate padded, then slice
+        padded = torch.empty(b, h, nq, -(-nk // 8) * 8, dtype=q.dtype, device=q.device)
+        bias = padded[..., :nk]
+        bias.copy_(mask.to(q.dtype).expand(b, h, nq, nk))
+    # xformers' layout is (B, N, heads, head_dim)
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> Tensor:
+    """Scaled dot-product attention on ``(B, heads, N, head_dim)`` tensors; returns q's shape."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects (B, heads, N, head_dim) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    chosen = resolve_backend(backend, q)
+    if chosen == "math":
+        return math_attention(q, k, v, mask, scale)
+    if chosen == "xformers":
+        return _xformers_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

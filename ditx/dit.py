@@ -1,0 +1,457 @@
+"""The shared DiT backbone: adaLN-Zero blocks over any tokenizer's grid.
+
+Follows "Scalable Diffusion Models with Transformers" (Peebles & Xie): the condition
+(timestep + class) is embedded once into ``c``; every block regresses shift, scale
+and gate from ``c`` (adaLN-Zero, gates start at zero so each block starts as the
+identity). Names of parameters follow facebookresearch/DiT so its checkpoints load.
+
+What a block attends over is a subset of the grid's axes (its *layout* entry): all
+axes (joint), ``("height", "width")`` (per frame / per plane), ``("time",)``, ...
+Video's space-time factorisation and triplane per-plane attention are both this one
+mechanism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ditx.attention import attention
+from ditx.embeddings import ContextProjection, LabelEmbedder, TimestepEmbedder
+from ditx.tokenizer import Grid, Tokenizer
+
+# depth, hidden size, heads (Table 1 of the DiT paper); the patch size is the "/p" suffix.
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "DiT-S": dict(depth=12, hidden_size=384, num_heads=6),
+    "DiT-B": dict(depth=12, hidden_size=768, num_heads=12),
+    "DiT-L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "DiT-XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+DIT_PRESETS: dict[str, dict[str, int]] = {
+    f"{size}/{p}": dict(DIT_SIZES[size], patch_size=p) for size in DIT_SIZES for p in (2, 4, 8)
+}
+
+# ---------------------------------------------------------------------------------------
+# Attention layouts
+# ---------------------------------------------------------------------------------------
+
+Layout = list  # per block: a tuple of axis names, or None for all axes (joint)
+LAYOUT_PRESETS = ("joint", "spatial-temporal", "spatial-then-temporal", "plane-cross-plane")
+
+
+def resolve_layout(layout: str | Sequence[Any], depth: int, axes: Sequence[str]) -> list[tuple[str, ...] | None]:
+    """Per-block attention axes for a preset name or an explicit list.
+
+    Presets: ``joint`` (every block over all axes); ``spatial-temporal`` (Latte's
+    interleaved blocks: even blocks over the non-time axes, odd over ``time``);
+    ``spatial-then-temporal`` (first half spatial, second half temporal);
+    ``plane-cross-plane`` (triplanes: per-plane blocks interleaved with joint ones).
+    A list is repeated to ``depth``; its entries are lists of axis names or
+    ``"all"``/``None`` for joint attention.
+    """
+    axes = tuple(axes)
+
+    def without(axis: str, preset: str) -> tuple[str, ...]:
+        if axis not in axes:
+            raise ValueError(f"layout {preset!r} needs a {axis!r} axis, but the tokenizer's axes are {axes}")
+        if len(axes) < 2:
+            raise ValueError(f"layout {preset!r} needs another axis besides {axis!r}; axes are {axes}")
+        return tuple(a for a in axes if a != axis)
+
+    if isinstance(layout, str):
+        if layout == "joint":
+            pattern: list[Any] = [None]
+        elif layout == "spatial-temporal":
+            pattern = [without("time", layout), ("time",)]
+        elif layout == "spatial-then-temporal":
+            half = depth // 2
+            return [without("time", layout)] * (depth - half) + [("time",)] * half
+        elif layout == "plane-cross-plane":
+            pattern = [without("plane", layout), None]
+        else:
+            raise ValueError(f"unknown attention layout {layout!r}; presets: {', '.join(LAYOUT_PRESETS)}, or a list")
+    else:
+        pattern = list(layout)
+        if not pattern:
+            raise ValueError("an attention layout list must not be empty")
+    blocks: list[tuple[str, ...] | None] = []
+    for i in range(depth):
+        entry = pattern[i % len(pattern)]
+        if entry is None or entry == "all" or entry == "joint":
+            blocks.append(None)
+            continue
+        entry = (entry,) if isinstance(entry, str) else tuple(entry)
+        unknown = [a for a in entry if a not in axes]
+        if unknown or not entry or len(set(entry)) != len(entry):
+            raise ValueError(f"layout entry {list(entry)} is not a set of the tokenizer's axes {axes}")
+        # keep the tokenizer's axis order; all axes is joint attention
+        entry = tuple(a for a in axes if a in entry)
+        blocks.append(None if entry == axes else entry)
+    return blocks
+
+
+def _group(x: Tensor, grid: Grid, attend: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...], list[int]]:
+    """(B, N, *rest) -> (B * G, n, *rest): sequences over the ``attend`` axes of the grid.
+
+    G is the product of the other axes. Returns the grouped tensor, the sizes in grouped
+    order and the permutation (needed to undo it). Attending over trailing axes is a view.
+    """
+    b, rest = x.shape[0], x.shape[2:]
+    outer = [i for i in range(len(grid)) if i not in attend]
+    perm = outer + list(attend)
+    x = x.reshape(b, *grid, *rest)
+    if perm != sorted(perm):
+        x = x.permute(0, *(1 + i for i in perm), *range(1 + len(grid), x.ndim))
+    n = math.prod(grid[i] for i in attend)
+    return x.reshape(-1, n, *rest), tuple(grid[i] for i in perm), perm
+
+
+def _ungroup(x: Tensor, batch: int, sizes: tuple[int, ...], perm: list[int]) -> Tensor:
+    """Inverse of ``_group`` for a (B * G, n, D) tensor -> (B, N, D)."""
+    d = x.shape[-1]
+    x = x.reshape(batch, *sizes, d)
+    if perm != sorted(perm):
+        inverse = sorted(range(len(perm)), key=perm.__getitem__)
+        x = x.permute(0, *(1 + i for i in inverse), len(perm) + 1)
+    return x.reshape(batch, -1, d)
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, with per-sample (B, D) shift/scale over (B, N, D) tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens or over groups along some grid axes."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, grid: Grid, attend: tuple[int, ...] | None = None) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
+        if attend is not None:
+            qkv, sizes, perm = _group(qkv, grid, attend)  # (B*G, n, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', H, n, d)
+        out = attention(q, k, v, backend=self.backend)  # (B', H, n, d)
+        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], d)  # (B', n, D)
+        if attend is not None:
+            out = _ungroup(out, b, sizes, perm)  # (B, N, D)
+        return self.proj(out)
+
+
+class CrossAttention(nn.Module):
+    """Tokens attend to context tokens (PixArt-style), with an optional (B, L) padding mask."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        kv = self.kv(context).view(b, context.shape[1], 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
+        mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        out = attention(q, k, v, mask=mask, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block; ``attend`` names the grid axes its self-attention spans (None = all)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        attend: tuple[int, ...] | None = None,
+        cross_attention: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.attend = attend
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, backend)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, backend) if cross_attention else None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self, x: Tensor, c: Tensor, grid: Grid, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid, self.attend)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, context, context_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm, then a linear map to the tokenizer's per-token output values."""
+
+    def __init__(self, hidden_size: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer over the tokens of any registered tokenizer.
+
+    Args:
+        tokenizer: a ``Tokenizer`` whose ``hidden_size`` is the model width, or a spec
+            ``{"name": "patch2d", **kwargs}`` built from the tokenizer registry with
+            ``hidden_size`` filled in (only specs make a model saveable).
+        depth, num_heads, mlp_ratio: transformer size.
+        num_classes: class count; 0 means unconditional. Labels drop to the null
+            class ``num_classes`` with ``class_dropout_prob`` during training.
+        layout: attention layout, see ``resolve_layout``.
+        attention_backend: ``auto``, ``xformers``, ``sdpa`` or ``math``.
+        context_dim: width of optional context tokens, attended through cross-attention.
+        hidden_size: needed only with a tokenizer spec.
+
+    ``forward(x, t, y=None, context=None, context_mask=None)`` maps (B, C, *spatial)
+    inputs to (B, out_channels, *spatial).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | dict[str, Any],
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        layout: str | Sequence[Any] = "joint",
+        attention_backend: str = "auto",
+        context_dim: int | None = None,
+        hidden_size: int | None = None,
+    ):
+        super().__init__()
+        self.config: dict[str, Any] | None = None
+        if isinstance(tokenizer, dict):
+            from ditx.registry import tokenizers
+
+            if hidden_size is None:
+                raise ValueError("DiT(tokenizer={...spec...}) needs hidden_size")
+            spec = dict(tokenizer)
+            name = spec.pop("name", None)
+            if name is None:
+                raise ValueError(f"tokenizer spec needs a 'name' (one of {tokenizers.names()}), got {tokenizer}")
+            self.config = dict(
+                tokenizer=dict(tokenizer), depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                num_classes=num_classes, class_dropout_prob=class_dropout_prob,
+                layout=layout if isinstance(layout, str) else [list(e) if e else e for e in layout],
+                attention_backend=attention_backend, context_dim=context_dim, hidden_size=hidden_size,
+            )  # fmt: skip
+            tokenizer = tokenizers.build(name, hidden_size=hidden_size, **spec)
+        if hidden_size is not None and hidden_size != tokenizer.hidden_size:
+            raise ValueError(f"hidden_size={hidden_size} disagrees with the tokenizer's {tokenizer.hidden_size}")
+        hidden_size = tokenizer.hidden_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.out_channels = tokenizer.out_channels
+        self.gradient_checkpointing = False
+
+        self.x_embedder = tokenizer
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.context_embedder = ContextProjection(context_dim, hidden_size) if context_dim else None
+        self.layout = resolve_layout(layout, depth, tokenizer.axes)
+        self.blocks = nn.ModuleList(
+            DiTBlock(
+                hidden_size,
+                num_heads,
+                mlp_ratio,
+                attend=None if axes is None else tuple(tokenizer.axes.index(a) for a in axes),
+                cross_attention=context_dim is not None,
+                backend=attention_backend,
+            )
+            for axes in self.layout
+        )
+        self.final_layer = FinalLayer(hidden_size, tokenizer.patch_numel * tokenizer.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialization, in one place.
+
+        Linear layers: Xavier-uniform, zero bias (ViT). Patch embedding: Xavier over
+        its flattened kernel, like a linear layer. Label and timestep embeddings:
+        N(0, 0.02). adaLN modulations and the final linear: zero, so every block is
+        the identity and the model outputs 0 at step 0 (adaLN-Zero). Cross-attention
+        output projections: zero, so context enters gradually (PixArt).
+        """
+
+        def basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(basic)
+        proj = getattr(self.x_embedder, "proj", None)
+        if isinstance(proj, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+            nn.init.zeros_(proj.bias)
+        if hasattr(self.x_embedder, "initialize_weights"):
+            self.x_embedder.initialize_weights()
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def null_class(self) -> int | None:
+        """Label id of the unconditional (null) class, None for unconditional models."""
+        return None if self.y_embedder is None else self.y_embedder.null_class
+
+    def embed_condition(self, t: Tensor, y: Tensor | None, force_drop: Tensor | None = None) -> Tensor:
+        """(B,) timesteps and labels -> the condition c (B, D), computed once per forward."""
+        c = self.t_embedder(t)
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("this DiT is unconditional (num_classes=0) but class labels were given")
+            return c
+        if y is None:  # no labels: sample the unconditional model
+            y = torch.full((t.shape[0],), self.null_class, dtype=torch.long, device=t.device)
+        return c + self.y_embedder(y, self.training, force_drop)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        force_drop: Tensor | None = None,
+    ) -> Tensor:
+        tokens, grid = self.x_embedder.tokenize(x)  # (B, N, D)
+        codes = self.x_embedder.position_codes(grid, tokens.device)  # (N, D) or None
+        if codes is not None:
+            tokens = tokens + codes.to(tokens.dtype)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        c = self.embed_condition(t, y, force_drop)  # (B, D)
+        if self.context_embedder is not None:
+            if context is None:
+                raise ValueError("this DiT has cross-attention (context_dim is set): pass context=(B, L, context_dim)")
+            context = self.context_embedder(context)  # (B, L, D)
+        elif context is not None:
+            raise ValueError("context tokens given, but this DiT has no cross-attention (context_dim=None)")
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c, grid, context, context_mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, grid, context, context_mask)  # (B, N, D)
+        tokens = self.final_layer(tokens, c)  # (B, N, patch_numel * out_channels)
+        return self.x_embedder.untokenize(tokens, grid)  # (B, out_channels, *spatial)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, guided_channels: int | None = 3):
+        """DiT's sampling call: the batch holds [cond half; uncond half] with equal x.
+
+        Guides the first ``guided_channels`` output channels (3 in the DiT paper; None
+        for all) and returns both halves with the guided result, like the official code.
+        """
+        from ditx.diffusion.sampling import apply_guidance
+
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        cond, uncond = out.chunk(2)
+        guided = apply_guidance(cond, uncond, cfg_scale, guided_channels)
+        return torch.cat([guided, guided])
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> DiT:
+        self.gradient_checkpointing = enabled
+        return self
+
+
+def build_dit(
+    preset: str | None = None,
+    *,
+    tokenizer: str | dict[str, Any] = "patch2d",
+    in_channels: int = 4,
+    learn_sigma: bool = True,
+    out_channels: int | None = None,
+    **kwargs: Any,
+) -> DiT:
+    """A DiT from a preset (``"DiT-XL/2"``) or explicit sizes, with a registered tokenizer.
+
+    ``tokenizer`` is a registry name or a spec dict; the preset's patch size is used
+    for ``patch2d``/``triplane`` (p) and ``tubelet`` ((1, p, p)) unless the spec sets
+    ``patch_size``. Output channels default to ``2 * in_channels`` with learned sigma.
+    Explicit ``depth``, ``hidden_size``, ``num_heads`` and ``patch_size`` override the preset.
+    """
+    sizes: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in DIT_PRESETS:
+            raise ValueError(f"unknown DiT preset {preset!r}; presets: {', '.join(DIT_PRESETS)}")
+        sizes.update(DIT_PRESETS[preset])
+    for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+        if key in kwargs:
+            sizes[key] = kwargs.pop(key)
+    missing = [k for k in ("depth", "hidden_size", "num_heads") if k not in sizes]
+    if missing:
+        raise ValueError(f"build_dit needs a preset ({', '.join(DIT_PRESETS)}) or explicit {missing}")
+    spec = {"name": tokenizer} if isinstance(tokenizer, str) else dict(tokenizer)
+    spec.setdefault("in_channels", in_channels)
+    spec.setdefault("out_channels", out_channels or (2 * spec["in_channels"] if learn_sigma else spec["in_channels"]))
+    if "patch_size" not in spec:
+        p = sizes.get("patch_size", 2)
+        spec["patch_size"] = (1, p, p) if spec["name"] == "tubelet" else p
+    return DiT(spec, depth=sizes["depth"], num_heads=sizes["num_heads"], hidden_size=sizes["hidden_size"], **kwargs)

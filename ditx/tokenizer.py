@@ -1,0 +1,162 @@
+"""The tokenizer contract, the N-D patch tokenizer every modality builds on, and sin-cos codes.
+
+A tokenizer turns a modality's tensor ``(B, C, *spatial)`` into tokens ``(B, N, hidden)``
+on a named grid (``axes``) and back. The backbone only sees tokens, the grid and the
+position codes, so resolution and clip length may change from batch to batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Grid = tuple[int, ...]
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """(P,) positions -> (P, dim) codes: ``dim/2`` sines then ``dim/2`` cosines (MAE / DiT)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos code size must be even, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.reshape(-1).astype(np.float64), omega)  # (P, dim/2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_nd(dim: int, grid: Sequence[int]) -> np.ndarray:
+    """(prod(grid), dim) fixed codes for a row-major grid of any number of axes.
+
+    The channels are split into one even-sized chunk per axis, the *last* axis first:
+    for a 2D ``(h, w)`` grid this is exactly DiT/MAE's ``get_2d_sincos_pos_embed``
+    (first half encodes the column, second half the row). When ``dim`` does not split
+    evenly (e.g. 1024 channels over 3 axes), the leading chunks get 2 channels more.
+    """
+    n = len(grid)
+    if dim % 2:
+        raise ValueError(f"position code size must be even, got {dim}")
+    pairs, extra = divmod(dim // 2, n)
+    if pairs == 0:
+        raise ValueError(f"position code size {dim} is too small for {n} axes (need at least {2 * n})")
+    sizes = [2 * (pairs + (i < extra)) for i in range(n)]
+    coords = np.meshgrid(*[np.arange(g, dtype=np.float64) for g in grid], indexing="ij")
+    chunks = [sincos_1d(size, coords[axis]) for size, axis in zip(sizes, reversed(range(n)))]
+    return np.concatenate(chunks, axis=1)
+
+
+class Tokenizer(nn.Module):
+    """Base class of all tokenizers (see DESIGN.md, "The tokenizer contract").
+
+    Subclasses set ``axes`` (names of the grid axes), ``hidden_size`` and
+    ``out_channels`` and implement ``tokenize``/``untokenize``. ``patch_numel`` is
+    the number of output values per token that ``untokenize`` expects per channel,
+    so the backbone's final layer emits ``patch_numel * out_channels`` per token.
+    """
+
+    axes: tuple[str, ...] = ()
+    hidden_size: int
+    out_channels: int
+    patch_numel: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._code_cache: dict[tuple, Tensor] = {}
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Grid]:
+        """(B, C, *spatial) -> tokens (B, N, hidden), grid (one size per axis, prod == N)."""
+        raise NotImplementedError
+
+    def untokenize(self, tokens: Tensor, grid: Grid) -> Tensor:
+        """(B, N, out_channels * patch_numel) -> (B, out_channels, *spatial)."""
+        raise NotImplementedError
+
+    def compute_position_codes(self, grid: Grid) -> Tensor | None:
+        """Uncached codes for ``grid``; default: N-D sin-cos over all axes."""
+        return torch.from_numpy(sincos_nd(self.hidden_size, grid)).float()
+
+    def position_codes(self, grid: Grid, device: torch.device | None = None) -> Tensor | None:
+        """(N, hidden) fixed codes for this grid, cached per grid and device."""
+        key = (tuple(grid), str(device))
+        codes = self._code_cache.get(key)
+        if codes is None:
+            codes = self.compute_position_codes(tuple(grid))
+            if codes is not None:
+                codes = codes.to(device)
+            self._code_cache[key] = codes
+        return codes
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}, hidden_size={self.hidden_size}, out_channels={self.out_channels}"
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class PatchTokenizer(Tokenizer):
+    """Non-overlapping N-D patches embedded by a strided convolution (1D, 2D or 3D).
+
+    ``patch_size`` has one entry per spatial axis; e.g. ``(2, 2)`` on images or
+    ``(1, 2, 2)`` on video. Token values in ``untokenize`` are laid out as
+    ``(*patch, channel)``, the layout of DiT's ``unpatchify``, so DiT's final layer
+    weights load unchanged.
+    """
+
+    def __init__(
+        self,
+        axes: Sequence[str],
+        patch_size: Sequence[int],
+        in_channels: int,
+        hidden_size: int,
+        out_channels: int | None = None,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if len(axes) != len(patch_size):
+            raise ValueError(f"need one patch size per axis {tuple(axes)}, got patch_size={tuple(patch_size)}")
+        if len(patch_size) not in _CONV:
+            raise ValueError(f"patches of {len(patch_size)} dims are not supported (allowed: 1, 2, 3)")
+        if any(int(p) < 1 for p in patch_size):
+            raise ValueError(f"patch sizes must be positive, got {tuple(patch_size)}")
+        self.axes = tuple(axes)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.out_channels = in_channels if out_channels is None else out_channels
+        self.patch_numel = math.prod(self.patch_size)
+        self.proj = _CONV[len(self.patch_size)](
+            in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
+        )
+
+    def grid_for(self, spatial: Sequence[int]) -> Grid:
+        """The token grid of an input with these spatial sizes; a clear error if a size doesn't divide."""
+        if len(spatial) != len(self.patch_size):
+            raise ValueError(
+                f"{type(self).__name__} expects {len(self.patch_size)} spatial dims {self.axes}, "
+                f"got {len(spatial)} ({tuple(spatial)})"
+            )
+        for name, size, p in zip(self.axes, spatial, self.patch_size):
+            if size % p:
+                raise ValueError(
+                    f"{name} size {size} is not divisible by the patch size {p}; "
+                    f"resize or crop the input to a multiple of {p}"
+                )
+        return tuple(s // p for s, p in zip(spatial, self.patch_size))
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Grid]:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got {x.shape[1]}")
+        grid = self.grid_for(x.shape[2:])
+        tokens = self.proj(x)  # (B, hidden, *grid)
+        return tokens.flatten(2).transpose(1, 2), grid  # (B, N, hidden)
+
+    def untokenize(self, tokens: Tensor, grid: Grid) -> Tensor:
+        b, n, _ = tokens.shape
+        nd = len(grid)
+        # (B, N, *patch * C) -> (B, *grid, *patch, C)
+        x = tokens.reshape(b, *grid, *self.patch_size, self.out_channels)
+        # interleave grid and patch axes: (B, C, g0, p0, g1, p1, ...)
+        order = [0, 2 * nd + 1] + [i for k in range(nd) for i in (1 + k, 1 + nd + k)]
+        x = x.permute(*order)
+        return x.reshape(b, self.out_channels, *(g * p for g, p in zip(grid, self.patch_size)))
