@@ -1,6 +1,5 @@
 """ditx: one Diffusion Transformer backbone for images, video and 3D ("DiT-for-X")."""
 
-from ditx.attention import attention
 from ditx.dit import DIT_PRESETS, DiT, build_dit
 from ditx.registry import autoencoders, datasets, load_plugins, metrics, objectives, tokenizers
 from ditx.tokenizer import PatchTokenizer, Tokenizer
@@ -12,7 +11,6 @@ __all__ = [
     "DiT",
     "PatchTokenizer",
     "Tokenizer",
-    "attention",
     "autoencoders",
     "build_dit",
     "datasets",

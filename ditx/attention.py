@@ -15,7 +15,6 @@ Masks are boolean (True = may attend) or additive float, broadcastable to
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 
@@ -26,8 +25,7 @@ from torch import Tensor
 BACKENDS = ("auto", "xformers", "sdpa", "math")
 
 
-@functools.lru_cache(maxsize=None)
-def _xformers_ops():
+def _load_xformers():
     if importlib.util.find_spec("xformers") is None:
         return None
     try:
@@ -35,6 +33,14 @@ def _xformers_ops():
     except Exception:  # a broken install (e.g. built for another torch) behaves as absent
         return None
     return xops
+
+
+# looked up once at import, so that torch.compile traces backend selection as a constant
+_XOPS = _load_xformers()
+
+
+def _xformers_ops():
+    return _XOPS
 
 
 def xformers_unavailable_reason(q: Tensor) -> str | None:

@@ -1,0 +1,21 @@
+"""Diffusion objectives (DDPM ε with learned Σ, v-prediction, rectified flow) and sampling
+through diffusers schedulers with classifier-free guidance."""
+
+from ditx.diffusion.objectives import (
+    SCHEDULERS,
+    DDPMObjective,
+    Objective,
+    RectifiedFlowObjective,
+    VPredictionObjective,
+)
+from ditx.diffusion.sampling import apply_guidance, sample
+
+__all__ = [
+    "SCHEDULERS",
+    "Objective",
+    "DDPMObjective",
+    "VPredictionObjective",
+    "RectifiedFlowObjective",
+    "apply_guidance",
+    "sample",
+]

@@ -1,0 +1,91 @@
+"""Attention backends against the math reference."""
+
+import pytest
+import torch
+
+from ditx.attention import _xformers_ops, attention, math_attention, resolve_backend
+
+SHAPES = [  # (B, heads, Nq, Nk, head_dim)
+    (2, 6, 64, 64, 64),
+    (1, 3, 37, 37, 32),  # odd lengths
+    (3, 2, 10, 77, 16),  # cross-attention: Nq != Nk
+    (1, 1, 1, 5, 8),
+]
+
+
+def qkv(b, h, nq, nk, d, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(b * 1000 + nq + nk)
+    make = lambda n: torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype)
+    return make(nq), make(nk), make(nk)
+
+
+def random_bool_mask(b, nq, nk):
+    mask = torch.rand(b, 1, nq, nk, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[..., 0] = True  # no fully masked row (softmax of nothing is undefined)
+    return mask
+
+
+def test_math_reference_closed_forms():
+    q, k, v = qkv(1, 1, 4, 1, 8)
+    assert torch.allclose(math_attention(q, k, v), v.expand(1, 1, 4, 8))  # one key: output is its value
+    q = torch.zeros(1, 1, 3, 8)
+    _, k, v = qkv(1, 1, 3, 6, 8)
+    assert torch.allclose(math_attention(q, k, v), v.mean(2, keepdim=True).expand(1, 1, 3, 8), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [None, "bool", "float"])
+def test_sdpa_equals_math(shape, masked):
+    b, h, nq, nk, d = shape
+    q, k, v = qkv(*shape)
+    mask = None
+    if masked == "bool":
+        mask = random_bool_mask(b, nq, nk)
+    elif masked == "float":
+        mask = torch.randn(b, h, nq, nk, generator=torch.Generator().manual_seed(1))
+    ref = math_attention(q, k, v, mask)
+    out = attention(q, k, v, mask=mask, backend="sdpa")
+    assert out.shape == (b, h, nq, d)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bool_mask_blocks_masked_keys():
+    q, k, v = qkv(1, 2, 5, 6, 8)
+    mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    mask[..., 3:] = False
+    out = attention(q, k, v, mask=mask, backend="sdpa")
+    torch.testing.assert_close(out, math_attention(q, k[:, :, :3], v[:, :, :3]), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_and_errors_on_cpu():
+    q, _, _ = qkv(1, 1, 4, 4, 8)
+    if not torch.cuda.is_available():
+        assert resolve_backend("auto", q) == "sdpa"
+        with pytest.raises(RuntimeError, match="'xformers' cannot run: .*(not installed|CUDA)"):
+            attention(q, q, q, backend="xformers")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'; allowed: auto, xformers, sdpa, math"):
+        attention(q, q, q, backend="flash")
+
+
+def test_xformers_reasons_name_what_is_missing(monkeypatch):
+    import ditx.attention as attn
+
+    monkeypatch.setattr(attn, "_xformers_ops", lambda: object())  # pretend it is installed
+    q = torch.zeros(1, 1, 4, 8)
+    assert "need CUDA tensors, got device 'cpu'" in attn.xformers_unavailable_reason(q)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    assert "float16/bfloat16 only, got torch.float32" in attn.xformers_unavailable_reason(q)
+    assert attn.xformers_unavailable_reason(q.half()) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need a CUDA device")
+@pytest.mark.skipif(_xformers_ops() is None, reason="xformers is not installed (pip install 'ditx[xformers]')")
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_xformers_equals_math_on_cuda(shape, masked):
+    b, h, nq, nk, d = shape
+    q, k, v = qkv(*shape, dtype=torch.float16, device="cuda")
+    mask = random_bool_mask(b, nq, nk).cuda() if masked else None
+    assert resolve_backend("auto", q) == "xformers"
+    out = attention(q, k, v, mask=mask, backend="xformers")
+    torch.testing.assert_close(out.float(), math_attention(q, k, v, mask).float(), atol=2e-3, rtol=2e-3)
