@@ -46,11 +46,6 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
     return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def _call(model: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor | None, model_kwargs) -> Tensor:
-    # Losses are computed in float32 even when the model runs under bf16 autocast.
-    return model(x, t, y, **(model_kwargs or {})).float()
-
-
 def beta_schedule_values(
     beta_schedule: str = "linear",
     num_train_timesteps: int = 1000,
@@ -137,6 +132,18 @@ class Objective:
         """The part of the model output ``scheduler.step`` expects (all channels by default)."""
         return out
 
+    def _predict(self, model, x_t: Tensor, t: Tensor, y: Tensor | None, model_kwargs) -> Tensor:
+        """Run the model and check its output shape; float32 even under bf16 autocast."""
+        out = model(x_t, t, y, **(model_kwargs or {}))
+        expected = (x_t.shape[0], self.out_channels(x_t.shape[1]), *x_t.shape[2:])
+        if tuple(out.shape) != expected:
+            raise ValueError(
+                f"objective {self.name!r} needs a model output of shape {expected} for input "
+                f"{tuple(x_t.shape)}, got {tuple(out.shape)}; build the model with "
+                f"out_channels=objective.out_channels(in_channels)"
+            )
+        return out.float()
+
     def _noise_and_t(self, x0: Tensor, noise: Tensor | None, t: Tensor | None, generator):
         # Draw on the generator's device so a CPU generator works with CUDA data.
         gen_device = generator.device if generator is not None else x0.device
@@ -173,6 +180,8 @@ class _VPObjective(Objective):
         self.betas = beta_schedule_values(beta_schedule, self.num_train_timesteps, beta_start, beta_end)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.scheduler_config = dict(
             num_train_timesteps=self.num_train_timesteps,
             beta_start=beta_start,
@@ -190,8 +199,8 @@ class _VPObjective(Objective):
         return _broadcast(torch.from_numpy(values)[t.long().cpu()], like)
 
     def _noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a = self._at(np.sqrt(self.alphas_cumprod), t, x0)
-        b = self._at(np.sqrt(1.0 - self.alphas_cumprod), t, x0)
+        a = self._at(self.sqrt_alphas_cumprod, t, x0)
+        b = self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return a * x0 + b * noise, a, b
 
     @property
@@ -205,7 +214,9 @@ class _VPObjective(Objective):
         if name == "ddpm":
             # "linspace" spacing runs from T-1 down to 0 like DiT's respacing (no noise on the last step).
             s = DDPMScheduler(
-                **self.scheduler_config, variance_type=self.variance_type, clip_sample=False,
+                **self.scheduler_config,
+                variance_type=self.variance_type,
+                clip_sample=False,
                 timestep_spacing="linspace",
             )
         elif name == "ddim":
@@ -214,7 +225,9 @@ class _VPObjective(Objective):
             s = DDIMScheduler(**self.scheduler_config, clip_sample=False, timestep_spacing="trailing")
         else:
             s = DPMSolverMultistepScheduler(
-                **self.scheduler_config, algorithm_type="dpmsolver++", solver_order=2,
+                **self.scheduler_config,
+                algorithm_type="dpmsolver++",
+                solver_order=2,
                 final_sigmas_type="zero",
             )
         s.set_timesteps(num_steps, device=device)
@@ -246,8 +259,10 @@ class DDPMObjective(_VPObjective):
         beta_end: float = 0.02,
     ):
         super().__init__(
-            beta_schedule=beta_schedule, num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
         )
         self.learn_sigma = bool(learn_sigma)
         ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
@@ -258,6 +273,7 @@ class DDPMObjective(_VPObjective):
         )
         self.posterior_mean_coef_x0 = self.betas * np.sqrt(ab_prev) / (1.0 - ab)
         self.posterior_mean_coef_xt = (1.0 - ab_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ab)
+        self.log_betas = np.log(self.betas)
 
     def out_channels(self, in_channels: int) -> int:
         return 2 * in_channels if self.learn_sigma else in_channels
@@ -277,14 +293,8 @@ class DDPMObjective(_VPObjective):
         """Per-sample ``{"loss", "mse"[, "vb"]}`` (B,); ``t`` are integer steps in [0, T)."""
         noise, t = self._noise_and_t(x0, noise, t, generator)
         x_t, a, b = self._noised(x0, noise, t)
-        out = _call(model, x_t, t.float(), y, model_kwargs)  # (B, C or 2C, *spatial)
+        out = self._predict(model, x_t, t.float(), y, model_kwargs)  # (B, C or 2C, *spatial)
         C = x0.shape[1]
-        expected = self.out_channels(C)
-        if out.shape[1] != expected:
-            raise ValueError(
-                f"objective {self.name!r} (learn_sigma={self.learn_sigma}) needs {expected} output channels "
-                f"for {C} input channels, the model returned {out.shape[1]}"
-            )
         eps, v = out[:, :C], out[:, C:]
         mse = mean_flat((noise.float() - eps) ** 2)
         if not self.learn_sigma:
@@ -303,11 +313,14 @@ class DDPMObjective(_VPObjective):
         model_mean = coef_x0 * x0_pred + coef_xt * x_t
         frac = (v + 1) / 2
         min_log = true_log_var
-        max_log = self._at(np.log(self.betas), t, x_t)
+        max_log = self._at(self.log_betas, t, x_t)
         model_log_var = frac * max_log + (1 - frac) * min_log
 
         kl = 0.5 * (
-            -1.0 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)
+            -1.0
+            + model_log_var
+            - true_log_var
+            + torch.exp(true_log_var - model_log_var)
             + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
         )
         nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
@@ -338,7 +351,7 @@ class VPredictionObjective(_VPObjective):
         noise, t = self._noise_and_t(x0, noise, t, generator)
         x_t, a, b = self._noised(x0, noise, t)
         target = a * noise - b * x0
-        mse = mean_flat((target.float() - _call(model, x_t, t.float(), y, model_kwargs)) ** 2)
+        mse = mean_flat((target.float() - self._predict(model, x_t, t.float(), y, model_kwargs)) ** 2)
         return {"loss": mse, "mse": mse}
 
 
@@ -349,7 +362,8 @@ class RectifiedFlowObjective(Objective):
 
     Training σ is logit-normal, σ = sigmoid(N(logit_mean, logit_std²)), then shifted by
     σ' = shift·σ / (1 + (shift−1)·σ) (shift > 1 spends more steps at high noise, as for large
-    images in SD3). The same ``shift`` configures the sampler.
+    images in SD3). The sampler shifts its σ grid by ``sample_shift`` (default: ``shift``);
+    SD3, for example, trains with shift 1 and samples with shift 3.
     """
 
     name = "rectified-flow"
@@ -357,12 +371,22 @@ class RectifiedFlowObjective(Objective):
     timestep_scale = 1.0  # FlowMatchEuler timesteps are already σ·1000
     num_train_timesteps = 1000
 
-    def __init__(self, *, logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0):
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift!r}")
+    def __init__(
+        self,
+        *,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 1.0,
+        sample_shift: float | None = None,
+    ):
+        sample_shift = shift if sample_shift is None else sample_shift
+        for key, value in (("shift", shift), ("sample_shift", sample_shift)):
+            if value <= 0:
+                raise ValueError(f"{key} must be > 0, got {value!r}")
         if logit_std < 0:
             raise ValueError(f"logit_std must be >= 0, got {logit_std!r}")
-        self.logit_mean, self.logit_std, self.shift = float(logit_mean), float(logit_std), float(shift)
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+        self.shift, self.sample_shift = float(shift), float(sample_shift)
 
     def shift_sigma(self, sigma: Tensor) -> Tensor:
         """σ -> shift·σ / (1 + (shift−1)·σ); the identity for shift = 1."""
@@ -378,14 +402,16 @@ class RectifiedFlowObjective(Objective):
         noise, sigma = self._noise_and_t(x0, noise, t, generator)
         s = _broadcast(sigma, x0)
         x_t = (1 - s) * x0 + s * noise
-        out = _call(model, x_t, sigma.float() * self.num_train_timesteps, y, model_kwargs)
+        out = self._predict(model, x_t, sigma.float() * self.num_train_timesteps, y, model_kwargs)
         mse = mean_flat(((noise - x0).float() - out) ** 2)
         return {"loss": mse, "mse": mse}
 
     def _scheduler(self, name: str, num_steps: int, device):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        s = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.num_train_timesteps, shift=self.sample_shift
+        )
         # Uniform σ grid 1 .. 1/num_steps (then shifted once by the scheduler, then σ=0 appended);
         # the default grid would shift σ_min twice.
         s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps).tolist(), device=device)
