@@ -107,7 +107,8 @@ def attention(
     """Scaled dot-product attention on ``(B, heads, N, head_dim)`` tensors; returns q's shape."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"attention expects (B, heads, N, head_dim) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            "attention expects (B, heads, N, head_dim) tensors, "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     chosen = resolve_backend(backend, q)
     if chosen == "math":

@@ -16,7 +16,8 @@ import importlib
 import importlib.metadata
 import logging
 import threading
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ autoencoders = Registry("autoencoder", builtins=("ditx.autoencoder",))
 datasets = Registry("dataset")
 metrics = Registry("metric")
 objectives = Registry("objective", builtins=("ditx.diffusion.objectives",))
+# modality name -> function(samples, out_dir, labels=None) writing files a person can look at
+writers = Registry("writer")
 
 REGISTRIES: dict[str, Registry] = {
     "tokenizers": tokenizers,
@@ -149,4 +152,5 @@ REGISTRIES: dict[str, Registry] = {
     "datasets": datasets,
     "metrics": metrics,
     "objectives": objectives,
+    "writers": writers,
 }

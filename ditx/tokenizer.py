@@ -8,7 +8,7 @@ position codes, so resolution and clip length may change from batch to batch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

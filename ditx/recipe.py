@@ -1,0 +1,375 @@
+"""Recipes: typed YAML configs that name registered components, with dotted overrides.
+
+A recipe is data, not code (torchtune's configs are the model)::
+
+    description: Tiny class-conditional DiT on scikit-learn's digits
+    modality: image
+    data: {name: digits, size: 16}          # component sections: a registered name + its arguments
+    tokenizer: {name: patch2d, patch_size: 2}
+    autoencoder: {name: identity}
+    objective: {name: ddpm}
+    model: {depth: 6, hidden_size: 192, num_heads: 6}
+    train: {batch_size: 64, lr: 3.0e-4, steps: 2000}
+
+``load_recipe("image/digits", ["train.batch_size=8"])`` finds the shipped recipe (or
+a path), applies overrides and validates: an unknown key or a wrong type is an error
+naming the key, the file and the allowed keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ditx.registry import REGISTRIES
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded: names the file and the offending key."""
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Component:
+    """A registered component: ``name`` plus the keyword arguments of its factory."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.args}
+
+
+@dataclass
+class ModelConfig:
+    """Backbone sizes: a ``preset`` (DiT-S/2 ... DiT-XL/8) and/or explicit sizes."""
+
+    preset: str | None = None
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    layout: str | list = "joint"
+    attention_backend: str = "auto"
+    num_classes: int | None = None  # None: taken from the dataset (0 = unconditional)
+    class_dropout_prob: float = 0.1
+    context_dim: int | None = None
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. ``batch_size`` is global (split over processes), as in DiT."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0: only at the end
+    log_every: int = 50
+    seed: int = 0
+    num_workers: int = 0
+    max_bad_samples: int = 10
+    latent_cache: str | None = None  # folder written by `ditx cache-latents`; used when present
+    output_dir: str = "runs"
+
+
+@dataclass
+class SampleConfig:
+    scheduler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 1.0
+    guided_channels: int | None = None  # None: guide all channels; 3: DiT's paper mode
+    num_samples: int = 16
+    batch_size: int = 16
+    use_ema: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=list)
+    num_samples: int = 1000
+    batch_size: int = 100
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    description: str
+    modality: str
+    data: Component
+    tokenizer: Component
+    objective: Component
+    autoencoder: Component = field(default_factory=lambda: Component("identity"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = ""  # filled from the file; not part of the YAML
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what `ditx recipes show` prints and runs save)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("name", "source"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Component) else _plain(value)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+# component sections and the registry that resolves each
+COMPONENT_REGISTRIES = {"data": "datasets", "tokenizer": "tokenizers", "objective": "objectives",
+                        "autoencoder": "autoencoders"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Type checking against the schema
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, typing.Sequence):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # annotations we don't model are not checked
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML reads ``1e-4`` as a string and ``3`` where a float is meant; fix those two cases."""
+    if isinstance(value, str) and _matches(1.0, tp) and not _matches(value, tp):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and tp is float:
+        return float(value)
+    return value
+
+
+def _build_dataclass(cls: type, data: Any, where: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: '{where}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "source") or cls is not Recipe]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise RecipeError(
+                f"{source}: unknown key '{where + '.' if where else ''}{key}'; "
+                f"allowed keys{' in ' + where if where else ''}: {', '.join(allowed)}"
+            )
+        tp = hints[key]
+        if tp is Component:
+            kwargs[key] = _build_component(value, key, source)
+        elif dataclasses.is_dataclass(tp):
+            kwargs[key] = _build_dataclass(tp, value, key, source)
+        else:
+            value = _coerce(value, tp)
+            if not _matches(value, tp):
+                raise RecipeError(
+                    f"{source}: '{where + '.' if where else ''}{key}' must be {_type_name(tp)}, got {value!r}"
+                )
+            kwargs[key] = value
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise RecipeError(f"{source}: missing required key(s) {', '.join(missing)}{' in ' + where if where else ''}")
+    return cls(**kwargs)
+
+
+def _build_component(data: Any, section: str, source: str) -> Component:
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise RecipeError(
+            f"{source}: '{section}' needs a registered 'name' (e.g. {section}: {{name: ...}}), got {data!r}"
+        )
+    args = {k: v for k, v in data.items() if k != "name"}
+    return Component(data["name"], args)
+
+
+def check_component_args(component: Component, section: str, source: str, skip: tuple[str, ...] = ()) -> None:
+    """Check a component's arguments against its factory's signature (names and simple types)."""
+    registry = REGISTRIES[COMPONENT_REGISTRIES[section]]
+    try:
+        factory = registry.get(component.name)
+    except KeyError as e:
+        raise RecipeError(f"{source}: {section}.name: {e}") from None
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:
+        hints = {}
+    positional = inspect.Parameter.VAR_POSITIONAL
+    allowed = [n for n, p in params.items() if n not in ("self", *skip) and p.kind is not positional]
+    for key, value in component.args.items():
+        if key not in allowed:
+            raise RecipeError(
+                f"{source}: unknown key '{section}.{key}' for {section} {component.name!r}; "
+                f"allowed keys: name, {', '.join(allowed)}"
+            )
+        tp = hints.get(key, Any)
+        component.args[key] = value = _coerce(value, tp)
+        if not _matches(value, tp):
+            raise RecipeError(f"{source}: '{section}.{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Finding, loading, overriding
+# --------------------------------------------------------------------------------------
+
+
+def recipes_root() -> Path:
+    return Path(str(importlib.resources.files("recipes")))
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names (``modality/name``) -> one-line description."""
+    root = recipes_root()
+    out = {}
+    for path in sorted(root.glob("*/*.yaml")):
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        out[f"{path.parent.name}/{path.stem}"] = str(data.get("description", "")).strip().splitlines()[0:1]
+        out[f"{path.parent.name}/{path.stem}"] = (out[f"{path.parent.name}/{path.stem}"] or [""])[0]
+    return out
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A shipped recipe name (``image/digits``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        return path
+    shipped = recipes_root() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise RecipeError(
+        f"unknown recipe {str(name_or_path)!r}; shipped recipes: {', '.join(list_recipes()) or '(none)'} "
+        f"(or pass a path to a .yaml file)"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.batch_size=8`` -> (["train", "batch_size"], 8); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r} must look like section.key=value (e.g. train.batch_size=8)")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if isinstance(child, str) and key in COMPONENT_REGISTRIES:
+                child = node[key] = {"name": child}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{source}: override {text!r}: '{'.'.join(keys[: depth + 1])}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe (components are checked against their factories)."""
+    path = find_recipe(name_or_path)
+    source = str(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    return recipe_from_dict(data or {}, source, overrides, name=_recipe_name(path))
+
+
+def recipe_from_dict(
+    data: dict[str, Any], source: str = "<recipe>", overrides: list[str] | None = None, name: str = ""
+) -> Recipe:
+    data = apply_overrides(dict(data), list(overrides or []), source)
+    recipe = _build_dataclass(Recipe, data, "", source)
+    recipe.name, recipe.source = name, source
+    check_component_args(recipe.data, "data", source)
+    check_component_args(recipe.objective, "objective", source)
+    check_component_args(recipe.autoencoder, "autoencoder", source)
+    # the tokenizer's width and channels come from the model and autoencoder
+    check_component_args(recipe.tokenizer, "tokenizer", source, skip=("hidden_size",))
+    return recipe
+
+
+def _recipe_name(path: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(recipes_root().resolve())
+        return str(rel.with_suffix(""))
+    except ValueError:
+        return path.stem

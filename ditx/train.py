@@ -1,0 +1,376 @@
+"""The training job: a recipe's model trained with accelerate, checkpointed, resumable.
+
+The same code runs on one process, under ``accelerate launch --num_processes N`` (DDP;
+gloo on CPU) and with FSDP through an accelerate config. Determinism does not depend
+on how many processes run: the global batch is cut from one seeded permutation per
+epoch, and the diffusion noise, timesteps and label dropout of every micro-batch are
+drawn for the *global* batch from a generator seeded by (seed, micro-step), each
+process taking its slice. So 2 processes × b reproduce 1 process × 2b, and a resumed
+run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, micro_batch_generator
+from ditx.dit import DiT, build_dit
+from ditx.recipe import Recipe
+from ditx.registry import autoencoders, datasets, objectives
+
+logger = logging.getLogger("ditx.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf: training stopped before the optimizer step."""
+
+
+class DataBudgetError(RuntimeError):
+    """More unreadable samples than ``train.max_bad_samples`` allows."""
+
+
+# --------------------------------------------------------------------------------------
+# Building a recipe's components
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Components:
+    recipe: Recipe
+    dataset: Dataset
+    autoencoder: Any
+    objective: Any
+    model: DiT
+    data_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    num_classes: int
+
+
+def build_dataset(recipe: Recipe, **override: Any) -> Dataset:
+    """The recipe's dataset; ``override`` replaces arguments (e.g. ``split="test"``)."""
+    import inspect
+
+    factory = datasets.get(recipe.data.name)
+    args = dict(recipe.data.args, **override)
+    params = inspect.signature(factory).parameters
+    if "seed" in params and "seed" not in args:
+        args["seed"] = recipe.train.seed
+    return factory(**args)
+
+
+def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int, objective: Any) -> DiT:
+    m = recipe.model
+    in_channels = latent_shape[0]
+    tokenizer = recipe.tokenizer.to_dict()
+    tokenizer.setdefault("in_channels", in_channels)
+    tokenizer.setdefault("out_channels", objective.out_channels(in_channels))
+    sizes = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads") if getattr(m, k) is not None}
+    model = build_dit(
+        m.preset,
+        tokenizer=tokenizer,
+        num_classes=num_classes,
+        class_dropout_prob=m.class_dropout_prob,
+        mlp_ratio=m.mlp_ratio,
+        layout=m.layout,
+        attention_backend=m.attention_backend,
+        context_dim=m.context_dim,
+        **sizes,
+    )
+    model.enable_gradient_checkpointing(m.gradient_checkpointing)
+    return model
+
+
+def build_components(recipe: Recipe, dataset: Dataset | None = None) -> Components:
+    """Dataset, autoencoder, objective and model of a recipe, with shapes checked together."""
+    dataset = build_dataset(recipe) if dataset is None else dataset
+    autoencoder = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
+    objective = objectives.build(recipe.objective.name, **recipe.objective.args)
+    data_shape = tuple(dataset.data_shape)
+    latent_shape = tuple(autoencoder.latent_shape(data_shape))
+    num_classes = recipe.model.num_classes
+    if num_classes is None:
+        num_classes = int(getattr(dataset, "num_classes", 0))
+    model = build_model(recipe, latent_shape, num_classes, objective)
+    return Components(recipe, dataset, autoencoder, objective, model, data_shape, latent_shape, num_classes)
+
+
+# --------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in float32 (DiT: decay 0.9999)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema = list(self.model.parameters())
+        cur = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - self.decay)  # ema += (1 - decay) * (cur - ema)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    name = (recipe.name or "run").replace("/", "-")
+    return Path(recipe.train.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run_dir(recipe: Recipe) -> Path | None:
+    root = Path(recipe.train.output_dir)
+    name = (recipe.name or "run").replace("/", "-")
+    runs = sorted(p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file())
+    return runs[-1] if runs else None
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Train ``recipe``; returns the run directory.
+
+    With ``resume=True`` the newest complete checkpoint in ``run_dir`` (default: the
+    newest run of this recipe) is restored first; a corrupt newest checkpoint is
+    skipped with a warning in favour of the previous one.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from tqdm.auto import tqdm
+
+    from ditx import checkpoint as ckpt
+    from ditx.cache import maybe_cached_dataset
+    from ditx.sample import write_previews
+
+    cfg = recipe.train
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro_global = cfg.batch_size // cfg.grad_accum
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x "
+            f"processes ({world}); it is the global batch per optimizer step"
+        )
+    local = micro_global // world
+
+    # one run directory, chosen on the main process
+    if run_dir is None and resume:
+        run_dir = latest_run_dir(recipe)
+        if run_dir is None:
+            raise FileNotFoundError(f"--resume: no earlier run of {recipe.name!r} in {cfg.output_dir!r}")
+    chosen = [str(run_dir or new_run_dir(recipe))]
+    if world > 1:
+        broadcast_object_list(chosen)
+    run_dir = Path(chosen[0])
+    ckpt_root = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
+            tmp.write_text(recipe.to_yaml())
+        _setup_file_logging(run_dir / "train.log")
+    accelerator.wait_for_everyone()
+
+    # components
+    torch.manual_seed(cfg.seed)  # model initialisation is the same on every process
+    parts = build_components(recipe)
+    dataset = maybe_cached_dataset(recipe, parts)  # latents from `ditx cache-latents` if present
+    cached = dataset is not parts.dataset
+    model, objective, autoencoder = parts.model, parts.objective, parts.autoencoder
+    if hasattr(autoencoder, "to"):
+        autoencoder.to(accelerator.device)
+    ema = EMA(model, cfg.ema_decay)
+    ema.model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
+    # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
+    # step it once per process, making warmup depend on the number of processes
+    model, optimizer = accelerator.prepare(model, optimizer)
+    forward = torch.compile(model) if recipe.model.compile else model
+
+    step = 0
+    bad_samples = 0
+    if resume:
+        found = ckpt.find_resumable(ckpt_root)
+        if found is None:
+            raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        state = ckpt.load_training_state(
+            found, accelerator.unwrap_model(model), ema, optimizer, scheduler, accelerator.scaler, rank
+        )
+        step, bad_samples = state["step"], state.get("bad_samples", 0)
+        if accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", found, step)
+    accelerator.init_trackers(str(run_dir / "logs"), config=_flat_hparams(recipe))
+
+    data = SkipBadSamples(dataset)
+    per_epoch = GlobalBatchSampler(len(data), local, rank, world, cfg.seed, 0).batches_per_epoch()
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {len(data)} items, fewer than one global micro-batch of {micro_global}")
+    micro_step = step * cfg.grad_accum
+    progress = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    last_good = ckpt.find_resumable(ckpt_root, quiet=True) if accelerator.is_main_process else None
+    window: list[float] = []
+    tic = time.perf_counter()
+    model.train()
+    while step < cfg.steps:
+        epoch, start = divmod(micro_step, per_epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        sampler = GlobalBatchSampler(len(data), local, rank, world, cfg.seed, epoch, start)
+        loader = DataLoader(
+            data,
+            batch_sampler=sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_skipping_errors,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),  # workers never touch the global RNG
+        )
+        for batch in loader:
+            for err in batch["errors"]:
+                logger.warning("skipping unreadable sample: %s", err)
+            x = batch.get("x")
+            n = 0 if x is None else len(x)
+            # diffusion randomness for the whole global micro-batch; this process takes its slice
+            g = micro_batch_generator(cfg.seed, micro_step)
+            noise_all = torch.randn(micro_global, *parts.latent_shape, generator=g)
+            t_all = objective.sample_t(micro_global, generator=g)
+            drop_all = torch.rand(micro_global, generator=g) < recipe.model.class_dropout_prob
+            sl = slice(rank * local, rank * local + n)
+            with accelerator.accumulate(model):
+                if n:
+                    x = x.to(accelerator.device)
+                    with torch.no_grad():
+                        z = x if cached else autoencoder.encode(x)
+                    kwargs = {}
+                    y = None
+                    if parts.num_classes > 0:
+                        y = batch["y"].to(accelerator.device)
+                        kwargs["force_drop"] = drop_all[sl].to(accelerator.device)
+                    terms = objective.loss(
+                        forward, z, y=y, model_kwargs=kwargs,
+                        noise=noise_all[sl].to(accelerator.device), t=t_all[sl].to(accelerator.device),
+                    )  # fmt: skip
+                    loss = terms["loss"].mean()
+                else:
+                    loss = sum(p.sum() * 0.0 for p in model.parameters())
+                # one all-reduce: the loss for the NaN check and logging, and bad-sample counts
+                stats = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device),
+                                     torch.tensor(float(len(batch["errors"])), device=loss.device)])  # fmt: skip
+                stats = accelerator.reduce(stats, reduction="sum")
+                bad_samples += int(stats[2].item())
+                if bad_samples > cfg.max_bad_samples:
+                    raise DataBudgetError(
+                        f"{bad_samples} unreadable samples exceed train.max_bad_samples={cfg.max_bad_samples} "
+                        f"(see the warnings above for their paths); fix the data or raise the budget"
+                    )
+                mean_loss = (stats[0] / stats[1].clamp(min=1)).item()
+                if not math.isfinite(mean_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise NonFiniteLossError(
+                        f"loss is {mean_loss} at step {step + 1} (micro-step {micro_step}); stopped before the "
+                        f"optimizer step, {where}. Lower train.lr, set train.grad_clip or use mixed_precision=no"
+                    )
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()  # a no-op until the last micro-batch of the step
+                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    scheduler.step()
+            micro_step += 1
+            window.append(mean_loss)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            ema.update(accelerator.unwrap_model(model))
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - tic
+                logs = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": len(window) * micro_global / max(elapsed, 1e-9)}  # fmt: skip
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                if accelerator.is_main_process:
+                    _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **logs})
+                window, tic = [], time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                path = ckpt.save_training_state(
+                    ckpt_root, step, accelerator, model, ema, optimizer, scheduler,
+                    extra={"bad_samples": bad_samples, "micro_step": micro_step, "world_size": world,
+                           "batches_per_epoch": per_epoch},
+                    keep=cfg.keep_checkpoints,
+                )  # fmt: skip
+                last_good = path
+            if accelerator.is_main_process and (
+                (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
+            ):
+                write_previews(parts, ema.model, run_dir / "samples" / f"step_{step:08d}", accelerator.device)
+            if step >= cfg.steps:
+                break
+    progress.close()
+    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, (int, float, str, bool)):
+            out[prefix] = value
+        else:
+            out[prefix] = str(value)
+
+    walk("", recipe.to_dict())
+    return out
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _setup_file_logging(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("ditx")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)

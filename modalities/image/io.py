@@ -1,0 +1,69 @@
+"""Writing image samples a person can look at: a PNG grid and one PNG per sample."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ditx.checkpoint import atomic_write
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8 (C = 1 or 3)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
+    b, h, w, c = images.shape
+    cols = math.ceil(b / rows)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    return grid
+
+
+def _save_png(array: np.ndarray, path: Path, upscale: int = 1) -> None:
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def write_image_samples(
+    samples: Tensor, out_dir: str | Path, labels: Tensor | None = None, individual: bool = True
+) -> list[Path]:
+    """Write ``grid.png`` (one row per class when labels are given, sorted by class) and
+    ``{index:05d}[_class{y}].png``. Small images are upscaled in the grid for viewing."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = to_uint8(samples)
+    written = []
+    if labels is not None:
+        order = torch.argsort(labels.cpu(), stable=True)
+        classes = labels.unique()
+        per_row = max(int((labels == c).sum()) for c in classes)
+        rows_imgs = []
+        for c in classes:  # pad each class row to the same length
+            idx = order[labels.cpu()[order] == c].tolist()
+            row = [arrays[i] for i in idx] + [np.full_like(arrays[0], 255)] * (per_row - len(idx))
+            rows_imgs.extend(row)
+        grid = make_grid(np.stack(rows_imgs), rows=len(classes))
+    else:
+        grid = make_grid(arrays, rows=max(1, int(math.sqrt(len(arrays)))))
+    upscale = max(1, 256 // max(grid.shape[:2]))
+    _save_png(grid, out / "grid.png", upscale=upscale)
+    written.append(out / "grid.png")
+    if individual:
+        for i, img in enumerate(arrays):
+            name = f"{i:05d}" + ("" if labels is None else f"_class{int(labels[i])}") + ".png"
+            _save_png(img, out / name)
+            written.append(out / name)
+    return written
