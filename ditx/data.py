@@ -67,6 +67,6 @@ def collate_skipping_errors(items: list[dict]) -> dict[str, Any]:
     return batch
 
 
-def micro_batch_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of a global micro-batch's noise, timesteps and label dropout."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + 17) % (2**63))
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one optimizer step's noise, timesteps and label dropout (global batch)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 17) % (2**63))

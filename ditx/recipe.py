@@ -193,7 +193,11 @@ def _matches(value: Any, tp: Any) -> bool:
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    """YAML reads ``1e-4`` as a string and ``3`` where a float is meant; fix those two cases."""
+    """YAML reads ``1e-4`` as a string, ``3`` where a float is meant and ``no`` as false; fix those."""
+    if isinstance(value, bool) and typing.get_origin(tp) is Literal and not _matches(value, tp):
+        word = {False: "no", True: "yes"}[value]
+        if word in typing.get_args(tp):
+            return word
     if isinstance(value, str) and _matches(1.0, tp) and not _matches(value, tp):
         try:
             return float(value)

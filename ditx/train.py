@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, micro_batch_generator
+from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.dit import DiT, build_dit
 from ditx.recipe import Recipe
 from ditx.registry import autoencoders, datasets, objectives
@@ -170,6 +170,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # CPU-only: several processes talk through gloo
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
@@ -259,12 +260,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 logger.warning("skipping unreadable sample: %s", err)
             x = batch.get("x")
             n = 0 if x is None else len(x)
-            # diffusion randomness for the whole global micro-batch; this process takes its slice
-            g = micro_batch_generator(cfg.seed, micro_step)
-            noise_all = torch.randn(micro_global, *parts.latent_shape, generator=g)
-            t_all = objective.sample_t(micro_global, generator=g)
-            drop_all = torch.rand(micro_global, generator=g) < recipe.model.class_dropout_prob
-            sl = slice(rank * local, rank * local + n)
+            # diffusion randomness for the whole global batch of this optimizer step, drawn once;
+            # each micro-batch of each process takes its slice (independent of process count)
+            if micro_step % cfg.grad_accum == 0:
+                g = step_generator(cfg.seed, step)
+                noise_all = torch.randn(cfg.batch_size, *parts.latent_shape, generator=g)
+                t_all = objective.sample_t(cfg.batch_size, generator=g)
+                drop_all = torch.rand(cfg.batch_size, generator=g) < recipe.model.class_dropout_prob
+            first = (micro_step % cfg.grad_accum) * micro_global + rank * local
+            sl = slice(first, first + n)
             with accelerator.accumulate(model):
                 if n:
                     x = x.to(accelerator.device)
@@ -341,8 +345,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if step >= cfg.steps:
                 break
     progress.close()
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also tears down the process group
     return run_dir
 
 
