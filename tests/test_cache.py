@@ -1,0 +1,75 @@
+"""Latent caching: shards + index, flipped copies, resumable, checked against the recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ditx.cache import CachedLatents, StaleCacheError, cache_latents, maybe_cached_dataset
+from ditx.train import build_components, train
+
+
+def test_cache_keeps_flipped_copies_and_training_reads_it(tiny_recipe, tmp_path):
+    cache = tmp_path / "cache"
+    recipe = tiny_recipe(data={"flip": True, "split": "test"}, train={"latent_cache": str(cache), "steps": 2})
+    out = cache_latents(recipe, shard_size=100)
+    index = json.loads((out / "index.json").read_text())
+    assert index["variants"] == 2 and len(index["shards"]) == 4  # 355 test digits in shards of 100
+    cached = CachedLatents(out)
+    parts = build_components(recipe)
+    # identity autoencoder: the cached latents are the images and their mirror images
+    for i in (0, 123, 354):
+        item = parts.dataset.item(i)
+        assert torch.equal(cached.latents[i, 0], item["x"])
+        assert torch.equal(cached.latents[i, 1], item["x"].flip(-1))
+        assert cached.labels[i] == item["y"]
+    # each epoch picks one variant per item, deterministically, and both occur
+    picks = []
+    for epoch in range(2):
+        cached.set_epoch(epoch)
+        picks.append([bool(torch.equal(cached[i]["x"], cached.latents[i, 1])) for i in range(50)])
+    assert any(picks[0]) and not all(picks[0]) and picks[0] != picks[1]
+    assert isinstance(maybe_cached_dataset(recipe, parts), CachedLatents)
+    run = train(recipe, run_dir=tmp_path / "run")
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_stale_cache_is_refused_with_what_differs(tiny_recipe, tmp_path):
+    cache = tmp_path / "cache"
+    cache_latents(tiny_recipe(data={"split": "test"}, train={"latent_cache": str(cache)}))
+    other = tiny_recipe(data={"split": "test", "size": 16}, train={"latent_cache": str(cache)})
+    with pytest.raises(StaleCacheError, match=r"does not match the recipe \(differs in: data, data_shape.*ditx cache-latents"):
+        maybe_cached_dataset(other, build_components(other))
+    with pytest.raises(StaleCacheError, match="other settings"):
+        cache_latents(other)
+
+
+def test_interrupted_caching_resumes(tiny_recipe, tmp_path, monkeypatch):
+    recipe = tiny_recipe(data={"split": "test"})
+    ref = cache_latents(recipe, out=tmp_path / "ref", shard_size=64)
+    # fail while encoding the third shard: two shards stay, no index is written
+    import ditx.autoencoder
+
+    calls = {"n": 0}
+    original = ditx.autoencoder.IdentityAutoencoder.encode
+
+    def failing(self, x, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return original(self, x, *a, **k)
+
+    monkeypatch.setattr(ditx.autoencoder.IdentityAutoencoder, "encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        cache_latents(recipe, out=tmp_path / "cache", shard_size=64, batch_size=64)
+    assert not (tmp_path / "cache" / "index.json").exists()
+    assert sorted(p.name for p in (tmp_path / "cache").glob("shard_*")) == ["shard_00000.safetensors",
+                                                                            "shard_00001.safetensors"]
+    # the rerun encodes only the missing shards
+    calls["n"] = -100
+    cache_latents(recipe, out=tmp_path / "cache", shard_size=64, batch_size=64)
+    assert calls["n"] == -100 + 4  # 6 shards of 355 items, 2 already there
+    a, b = CachedLatents(ref), CachedLatents(tmp_path / "cache")
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.labels, b.labels)
