@@ -18,6 +18,7 @@ naming the key, the file and the allowed keys.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import inspect
@@ -141,7 +142,7 @@ class Recipe:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=float("inf"))
 
 
 def _plain(value: Any) -> Any:
@@ -298,9 +299,9 @@ def list_recipes() -> dict[str, str]:
     out = {}
     for path in sorted(root.glob("*/*.yaml")):
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        out[f"{path.parent.name}/{path.stem}"] = str(data.get("description", "")).strip().splitlines()[0:1]
-        out[f"{path.parent.name}/{path.stem}"] = (out[f"{path.parent.name}/{path.stem}"] or [""])[0]
+            data = yaml.safe_load(f)
+        text = str(data.get("description", "")).strip() if isinstance(data, dict) else ""
+        out[f"{path.parent.name}/{path.stem}"] = text.splitlines()[0] if text else ""
     return out
 
 
@@ -360,7 +361,12 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def recipe_from_dict(
     data: dict[str, Any], source: str = "<recipe>", overrides: list[str] | None = None, name: str = ""
 ) -> Recipe:
-    data = apply_overrides(dict(data), list(overrides or []), source)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for section, default in (("autoencoder", "identity"),):  # optional component sections
+        data.setdefault(section, {"name": default})
+    data = apply_overrides(data, list(overrides or []), source)
     recipe = _build_dataclass(Recipe, data, "", source)
     recipe.name, recipe.source = name, source
     check_component_args(recipe.data, "data", source)

@@ -40,7 +40,8 @@ def test_stale_cache_is_refused_with_what_differs(tiny_recipe, tmp_path):
     cache = tmp_path / "cache"
     cache_latents(tiny_recipe(data={"split": "test"}, train={"latent_cache": str(cache)}))
     other = tiny_recipe(data={"split": "test", "size": 16}, train={"latent_cache": str(cache)})
-    with pytest.raises(StaleCacheError, match=r"does not match the recipe \(differs in: data, data_shape.*ditx cache-latents"):
+    stale = r"does not match the recipe \(differs in: data, data_shape.*ditx cache-latents"
+    with pytest.raises(StaleCacheError, match=stale):
         maybe_cached_dataset(other, build_components(other))
     with pytest.raises(StaleCacheError, match="other settings"):
         cache_latents(other)
