@@ -6,8 +6,12 @@ dispatches to
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA, fp16/bf16, installed);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
   kernels on CPU and GPU);
-- ``math``: softmax(q kᵀ · scale + mask) v written out in float32, the reference;
-- ``auto``: xformers where it can run, else sdpa.
+- ``eager``: softmax(q kᵀ · scale + mask) v with the full score matrix in the input dtype;
+  on CPU under bf16/fp16 it beats SDPA's fused kernels for short sequences (measured:
+  6x at 64 tokens, 2x at 256; SDPA wins from about 1k tokens and always in float32);
+- ``math``: the same written out in float32, the reference;
+- ``auto``: xformers where it can run; on CPU in bf16/fp16 with at most
+  ``EAGER_MAX_TOKENS`` keys, eager; else sdpa.
 
 Masks are boolean (True = may attend) or additive float, broadcastable to
 ``(B, heads, Nq, Nk)``.
@@ -22,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "xformers", "sdpa", "math")
+BACKENDS = ("auto", "xformers", "sdpa", "eager", "math")
+EAGER_MAX_TOKENS = 512
 
 
 def _load_xformers():
@@ -54,12 +59,17 @@ def xformers_unavailable_reason(q: Tensor) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, q: Tensor) -> str:
-    """The backend that ``attention`` would run for ``backend`` on ``q``."""
+def resolve_backend(backend: str, q: Tensor, k: Tensor | None = None) -> str:
+    """The backend that ``attention`` would run for ``backend`` on ``q`` (and keys ``k``)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "xformers" if xformers_unavailable_reason(q) is None else "sdpa"
+        if xformers_unavailable_reason(q) is None:
+            return "xformers"
+        n_keys = (q if k is None else k).shape[-2]
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and n_keys <= EAGER_MAX_TOKENS:
+            return "eager"
+        return "sdpa"
     if backend == "xformers":
         reason = xformers_unavailable_reason(q)
         if reason is not None:
@@ -75,6 +85,15 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v.float())
     return out.to(q.dtype)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Attention with the score matrix materialised in the input dtype (no upcast)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q * scale) @ k.transpose(-1, -2)  # (B, H, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(q.dtype)
+    return scores.softmax(dim=-1) @ v
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
@@ -110,9 +129,11 @@ def attention(
             "attention expects (B, heads, N, head_dim) tensors, "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    chosen = resolve_backend(backend, q)
+    chosen = resolve_backend(backend, q, k)
     if chosen == "math":
         return math_attention(q, k, v, mask, scale)
+    if chosen == "eager":
+        return eager_attention(q, k, v, mask, scale)
     if chosen == "xformers":
         return _xformers_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

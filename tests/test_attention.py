@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ditx.attention import _xformers_ops, attention, math_attention, resolve_backend
+from ditx.attention import EAGER_MAX_TOKENS, _xformers_ops, attention, math_attention, resolve_backend
 
 SHAPES = [  # (B, heads, Nq, Nk, head_dim)
     (2, 6, 64, 64, 64),
@@ -49,6 +49,30 @@ def test_sdpa_equals_math(shape, masked):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [None, "bool"])
+def test_eager_equals_math(shape, masked):
+    b, h, nq, nk, d = shape
+    q, k, v = qkv(*shape)
+    mask = random_bool_mask(b, nq, nk) if masked else None
+    torch.testing.assert_close(attention(q, k, v, mask=mask, backend="eager"), math_attention(q, k, v, mask),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    out = attention(qb, kb, vb, mask=mask, backend="eager")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), math_attention(qb, kb, vb, mask).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_auto_on_cpu_uses_eager_only_for_short_low_precision_sequences():
+    if torch.cuda.is_available():
+        pytest.skip("CPU policy")
+    short = torch.zeros(1, 1, 64, 8)
+    long = torch.zeros(1, 1, EAGER_MAX_TOKENS + 1, 8)
+    assert resolve_backend("auto", short) == "sdpa"  # float32: the fused kernel is faster
+    assert resolve_backend("auto", short.bfloat16()) == "eager"
+    assert resolve_backend("auto", short.bfloat16(), long.bfloat16()) == "sdpa"
+
+
 def test_bool_mask_blocks_masked_keys():
     q, k, v = qkv(1, 2, 5, 6, 8)
     mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
@@ -63,7 +87,7 @@ def test_auto_and_errors_on_cpu():
         assert resolve_backend("auto", q) == "sdpa"
         with pytest.raises(RuntimeError, match="'xformers' cannot run: .*(not installed|CUDA)"):
             attention(q, q, q, backend="xformers")
-    with pytest.raises(ValueError, match="unknown attention backend 'flash'; allowed: auto, xformers, sdpa, math"):
+    with pytest.raises(ValueError, match="backend 'flash'; allowed: auto, xformers, sdpa, eager, math"):
         attention(q, q, q, backend="flash")
 
 

@@ -1,10 +1,12 @@
 """Image modality: registers its components with ditx (entry point ``ditx.plugins: image``)."""
 
-from ditx.registry import datasets, tokenizers, writers
+from ditx import registry
 from modalities.image.data import DigitsDataset
 from modalities.image.io import write_image_samples
+from modalities.image.metrics import DigitsMetric
 from modalities.image.tokenizer import Patch2DTokenizer
 
-tokenizers.register("patch2d", Patch2DTokenizer)
-datasets.register("digits", DigitsDataset)
-writers.register("image", write_image_samples)
+registry.tokenizers.register("patch2d", Patch2DTokenizer)
+registry.datasets.register("digits", DigitsDataset)
+registry.metrics.register("digits", DigitsMetric)
+registry.writers.register("image", write_image_samples)

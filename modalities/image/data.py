@@ -42,6 +42,7 @@ class DigitsDataset(Dataset):
         x = F.interpolate(images[:, None], size=(size, size), mode="bilinear", align_corners=False)
         self.images = (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()  # (N, C, S, S)
         self.labels = labels
+        self.split = split
         self.flip = flip
         self.seed = seed
         self.epoch = 0
