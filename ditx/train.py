@@ -119,15 +119,35 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        ema = list(self.model.parameters())
-        cur = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - self.decay)  # ema += (1 - decay) * (cur - ema)
+        """``model`` is the trained module, possibly wrapped by FSDP (its full parameters are
+        gathered for the update: FSDP1 through ``summon_full_params``, FSDP2 DTensors through
+        ``full_tensor``)."""
+        with _full_parameters(model):
+            ema = list(self.model.parameters())
+            cur = [_full(p).detach().float() for p in model.parameters()]
+            torch._foreach_lerp_(ema, cur, 1.0 - self.decay)  # ema += (1 - decay) * (cur - ema)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)
+
+
+def _full(p: Tensor) -> Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
+
+
+def _full_parameters(model: torch.nn.Module):
+    import contextlib
+
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # torch built without distributed
+        return contextlib.nullcontext()
+    if isinstance(model, FSDP):
+        return FSDP.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------
@@ -317,7 +337,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(model)
             progress.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - tic
