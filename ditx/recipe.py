@@ -85,6 +85,7 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at step k; DiT's paper: false
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
@@ -117,6 +118,25 @@ class EvalConfig:
 
 
 @dataclass
+class AutoencoderTrainConfig:
+    """``ditx train-autoencoder``: train the recipe's autoencoder from scratch on its dataset.
+
+    ``out`` defaults to ``<train.output_dir>/<recipe>-autoencoder``; afterwards point
+    ``autoencoder.pretrained`` at it. ``kl_weight`` weighs the posterior's KL term
+    against the reconstruction loss (1e-6 as for Stable Diffusion's VAE).
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    kl_weight: float = 1.0e-6
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    out: str | None = None
+    log_every: int = 50
+
+
+@dataclass
 class Recipe:
     description: str
     modality: str
@@ -128,6 +148,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    autoencoder_train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     name: str = ""  # filled from the file; not part of the YAML
     source: str = ""
 

@@ -111,21 +111,31 @@ def build_components(recipe: Recipe, dataset: Dataset | None = None) -> Componen
 
 
 class EMA:
-    """Exponential moving average of the weights, kept in float32 (DiT: decay 0.9999)."""
+    """Exponential moving average of the weights, kept in float32 (DiT: decay 0.9999).
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    With ``warmup`` the decay at optimizer step k is ``min(decay, (1 + k) / (10 + k))``
+    (diffusers' EMAModel), so short runs are not dominated by the initial weights; DiT's
+    paper recipe uses the constant decay (``train.ema_warmup: false``).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         self.decay = decay
+        self.warmup = warmup
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
         """``model`` is the trained module, possibly wrapped by FSDP (its full parameters are
         gathered for the update: FSDP1 through ``summon_full_params``, FSDP2 DTensors through
-        ``full_tensor``)."""
+        ``full_tensor``). ``step`` is the optimizer step just taken (1-based)."""
+        decay = self.decay_at(step - 1)
         with _full_parameters(model):
             ema = list(self.model.parameters())
             cur = [_full(p).detach().float() for p in model.parameters()]
-            torch._foreach_lerp_(ema, cur, 1.0 - self.decay)  # ema += (1 - decay) * (cur - ema)
+            torch._foreach_lerp_(ema, cur, 1.0 - decay)  # ema += (1 - decay) * (cur - ema)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()
@@ -230,7 +240,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     model, objective, autoencoder = parts.model, parts.objective, parts.autoencoder
     if hasattr(autoencoder, "to"):
         autoencoder.to(accelerator.device)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     ema.model.to(accelerator.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
@@ -337,7 +347,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            ema.update(model)
+            ema.update(model, step)
             progress.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - tic

@@ -195,3 +195,19 @@ def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(ti
     assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"))
     assert_same_weights(final_weights(run, "ema"), final_weights(tmp_path / "ref", "ema"))
     shutil.rmtree(tmp_path / "ref")
+
+
+def test_ema_update_follows_its_closed_form():
+    from ditx.train import EMA
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+    plain, warm = EMA(lin, 0.99, warmup=False), EMA(lin, 0.99, warmup=True)
+    with torch.no_grad():
+        lin.weight.fill_(4.0)
+    plain.update(lin, step=1)
+    warm.update(lin, step=1)
+    assert plain.model.weight.item() == pytest.approx(0.99 * 2 + 0.01 * 4)
+    assert warm.model.weight.item() == pytest.approx(0.1 * 2 + 0.9 * 4)  # decay (1 + 0) / (10 + 0)
+    assert warm.decay_at(10_000) == 0.99 and plain.model.weight.dtype == torch.float32

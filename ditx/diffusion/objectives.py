@@ -175,8 +175,10 @@ class _VPObjective(Objective):
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        clip_sample: bool = False,
     ):
         self.num_train_timesteps = int(num_train_timesteps)
+        self.clip_sample = bool(clip_sample)
         self.betas = beta_schedule_values(beta_schedule, self.num_train_timesteps, beta_start, beta_end)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
@@ -210,25 +212,31 @@ class _VPObjective(Objective):
     def _scheduler(self, name: str, num_steps: int, device):
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-        # Latents are not bounded to [-1, 1]: never clip the predicted x0.
+        # Latents are not bounded to [-1, 1], so the predicted x0 is clipped only when asked
+        # (``clip_sample=True``: pixel-space data in [-1, 1], ADM's clip_denoised).
+        clip = self.clip_sample
         if name == "ddpm":
             # "linspace" spacing runs from T-1 down to 0 like DiT's respacing (no noise on the last step).
             s = DDPMScheduler(
                 **self.scheduler_config,
                 variance_type=self.variance_type,
-                clip_sample=False,
+                clip_sample=clip,
                 timestep_spacing="linspace",
             )
         elif name == "ddim":
             # DDIM steps t -> t - T/num_steps, so only "leading"/"trailing" spacings are consistent;
             # "trailing" starts at T-1 (pure noise).
-            s = DDIMScheduler(**self.scheduler_config, clip_sample=False, timestep_spacing="trailing")
+            s = DDIMScheduler(**self.scheduler_config, clip_sample=clip, timestep_spacing="trailing")
         else:
             s = DPMSolverMultistepScheduler(
                 **self.scheduler_config,
                 algorithm_type="dpmsolver++",
                 solver_order=2,
                 final_sigmas_type="zero",
+                # dynamic thresholding with ratio 1 clips x0 to [-1, 1] exactly
+                thresholding=clip,
+                dynamic_thresholding_ratio=1.0,
+                sample_max_value=1.0,
             )
         s.set_timesteps(num_steps, device=device)
         return s
@@ -257,12 +265,14 @@ class DDPMObjective(_VPObjective):
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        clip_sample: bool = False,
     ):
         super().__init__(
             beta_schedule=beta_schedule,
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
             beta_end=beta_end,
+            clip_sample=clip_sample,
         )
         self.learn_sigma = bool(learn_sigma)
         ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
