@@ -117,7 +117,8 @@ def run_convert_dit_official(args: argparse.Namespace) -> int:
     state_dict = read_state_dict(args.path)
     spec = inspect_official_dit(state_dict, args.num_heads)
     model = load_official_dit(state_dict, args.num_heads)
-    metadata = {"source": "facebookresearch/DiT", "source_file": args.path.name, **spec.as_dict()}
+    metadata = {"source": "facebookresearch/DiT", "source_file": args.path.name, **spec.as_dict(),
+                "latent_shape": [spec.in_channels, spec.input_size, spec.input_size]}  # fmt: skip
     save_model(model, args.out, overwrite=args.overwrite, metadata=metadata)
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.out}: {spec.summary()}, {params:,} parameters")

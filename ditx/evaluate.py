@@ -33,17 +33,17 @@ def build_metric(spec: str | dict[str, Any]):
     return name, metric_registry.build(name, **args)
 
 
-def reference_dataset(parts: Any):
+def reference_dataset(recipe: Any):
     """Held-out data for metrics: the recipe's dataset with ``split: test`` when it has splits."""
     import inspect
 
+    from ditx.registry import datasets
     from ditx.train import build_dataset
 
-    params = inspect.signature(type(parts.dataset)).parameters
+    params = inspect.signature(datasets.get(recipe.data.name)).parameters
     if "split" not in params:
-        return parts.dataset
-    override = {"split": "test", **({"flip": False} if "flip" in params else {})}
-    return build_dataset(parts.recipe, **override)
+        return build_dataset(recipe)
+    return build_dataset(recipe, split="test", **({"flip": False} if "flip" in params else {}))
 
 
 def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str | Path | None = None) -> dict:
@@ -62,7 +62,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
     if hasattr(parts.autoencoder, "to"):
         parts.autoencoder.to(device)
     built = [build_metric(spec) for spec in cfg.metrics]
-    reference = reference_dataset(parts)
+    reference = reference_dataset(recipe)
     for _, metric in built:
         metric.prepare(reference, device)
     sample_cfg = recipe.sample

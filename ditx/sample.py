@@ -9,6 +9,7 @@ samples with the recipe's ``sample`` section and writes the modality's files.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -115,16 +116,22 @@ def load_for_sampling(
         if recipe is None:
             raise ValueError(f"{path} is a model directory: pass --recipe to say how to sample and decode it")
         r = load_recipe(recipe, overrides)
+        config = ckpt.read_model_config(path)
         model = ckpt.load_model(path)
-        parts = build_components(r)
+        shape = (config.get("metadata") or {}).get("latent_shape")
+        parts = build_components(
+            r, latent_shape=tuple(shape) if shape else None, num_classes=config.get("num_classes")
+        )  # without a stored latent shape, the recipe's data tells it
         _check_same_architecture(parts.model, model, path)
+        parts.model = model
         return r, parts, model
     else:
         raise FileNotFoundError(f"{path} is not a ditx run, checkpoint or model directory")
     r = load_recipe(recipe or run / "config.yaml", overrides)
     if recipe is None:
         r.name = run.name
-    parts = build_components(r)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    parts = build_components(r, latent_shape=tuple(state["latent_shape"]), num_classes=state["num_classes"])
     use_ema = r.sample.use_ema if use_ema is None else use_ema
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
     parts.model.load_state_dict(load_file(str(weights)))

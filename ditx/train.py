@@ -48,11 +48,11 @@ class DataBudgetError(RuntimeError):
 @dataclass
 class Components:
     recipe: Recipe
-    dataset: Dataset
+    dataset: Dataset | None
     autoencoder: Any
     objective: Any
     model: DiT
-    data_shape: tuple[int, ...]
+    data_shape: tuple[int, ...] | None
     latent_shape: tuple[int, ...]
     num_classes: int
 
@@ -91,18 +91,31 @@ def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int,
     return model
 
 
-def build_components(recipe: Recipe, dataset: Dataset | None = None) -> Components:
-    """Dataset, autoencoder, objective and model of a recipe, with shapes checked together."""
-    dataset = build_dataset(recipe) if dataset is None else dataset
+def build_components(
+    recipe: Recipe,
+    dataset: Dataset | None = None,
+    *,
+    latent_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> Components:
+    """Dataset, autoencoder, objective and model of a recipe, with shapes checked together.
+
+    Sampling a trained model needs no data: given ``latent_shape`` and ``num_classes``
+    (stored with every checkpoint), the dataset is not built (``dataset``/``data_shape``
+    are then None).
+    """
     autoencoder = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
     objective = objectives.build(recipe.objective.name, **recipe.objective.args)
-    data_shape = tuple(dataset.data_shape)
-    latent_shape = tuple(autoencoder.latent_shape(data_shape))
-    num_classes = recipe.model.num_classes
-    if num_classes is None:
+    data_shape = None
+    if latent_shape is None or num_classes is None:
+        dataset = build_dataset(recipe) if dataset is None else dataset
+        data_shape = tuple(dataset.data_shape)
+        latent_shape = tuple(autoencoder.latent_shape(data_shape))
         num_classes = int(getattr(dataset, "num_classes", 0))
-    model = build_model(recipe, latent_shape, num_classes, objective)
-    return Components(recipe, dataset, autoencoder, objective, model, data_shape, latent_shape, num_classes)
+    if recipe.model.num_classes is not None:
+        num_classes = recipe.model.num_classes
+    model = build_model(recipe, tuple(latent_shape), num_classes, objective)
+    return Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
 
 
 # --------------------------------------------------------------------------------------
@@ -364,7 +377,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 path = ckpt.save_training_state(
                     ckpt_root, step, accelerator, model, ema, optimizer, scheduler,
                     extra={"bad_samples": bad_samples, "micro_step": micro_step, "world_size": world,
-                           "batches_per_epoch": per_epoch},
+                           "batches_per_epoch": per_epoch, "data_shape": list(parts.data_shape),
+                           "latent_shape": list(parts.latent_shape), "num_classes": parts.num_classes},
                     keep=cfg.keep_checkpoints,
                 )  # fmt: skip
                 last_good = path

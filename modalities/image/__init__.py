@@ -4,7 +4,7 @@ from ditx import registry
 from modalities.image.autoencoder import SDVAE
 from modalities.image.data import DigitsDataset, ImageFolderDataset
 from modalities.image.io import write_image_samples
-from modalities.image.metrics import DigitsMetric
+from modalities.image.metrics import DigitsMetric, InceptionMetric
 from modalities.image.tokenizer import Patch2DTokenizer
 
 registry.tokenizers.register("patch2d", Patch2DTokenizer)
@@ -12,4 +12,5 @@ registry.autoencoders.register("sd-vae", SDVAE)
 registry.datasets.register("digits", DigitsDataset)
 registry.datasets.register("image-folder", ImageFolderDataset)
 registry.metrics.register("digits", DigitsMetric)
+registry.metrics.register("inception", InceptionMetric)
 registry.writers.register("image", write_image_samples)

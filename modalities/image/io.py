@@ -1,4 +1,4 @@
-"""Writing image samples a person can look at: a PNG grid and one PNG per sample."""
+"""Writing image samples: a PNG grid and one PNG per sample for people, an ``.npz`` for the ADM evaluator."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ from torch import Tensor
 from ditx.checkpoint import atomic_write
 
 
+def images_to_uint8(images: Tensor) -> Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, C, H, W) uint8 in [0, 255]: round((x + 1) * 127.5), clamped first.
+
+    The one conversion every writer and the Inception metric use, so a saved file and an
+    in-process metric see the same pixels.
+    """
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8 (C = 1 or 3)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return images_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
@@ -67,3 +75,26 @@ def write_image_samples(
             _save_png(img, out / name)
             written.append(out / name)
     return written
+
+
+def write_adm_npz(samples: Tensor, path: str | Path, labels: Tensor | None = None) -> Path:
+    """Write samples as the ADM evaluation suite reads them (openai/guided-diffusion ``evaluations/evaluator.py``).
+
+    ``arr_0``: uint8 ``(N, H, W, 3)``, converted from ``samples`` ``(N, C, H, W)`` in [-1, 1]
+    by ``images_to_uint8`` (grey images, C = 1, are repeated to RGB: the evaluator's
+    Inception network takes 3 channels); ``arr_1``: int64 ``(N,)`` class labels, only when
+    ``labels`` is given (the layout of ADM's own ``image_sample.py``). The file is written
+    atomically: an interrupted write leaves any earlier ``path`` as it was. Returns ``path``.
+    """
+    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
+        raise ValueError(f"write_adm_npz expects samples (N, 1 or 3, H, W) in [-1, 1], got {tuple(samples.shape)}")
+    arrays = {"arr_0": to_uint8(samples.expand(-1, 3, -1, -1) if samples.shape[1] == 1 else samples)}  # (N, H, W, 3)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (len(samples),):
+            raise ValueError(f"labels must be ({len(samples)},) class indices, got shape {tuple(labels.shape)}")
+        arrays["arr_1"] = labels.detach().cpu().numpy().astype(np.int64)
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    return path

@@ -1,4 +1,4 @@
-"""Image metrics: FID, KID and class accuracy for the digits recipes, judged by a small digits CNN.
+"""Image metrics: digits FID/KID/accuracy judged by a small CNN, and FID/IS/KID by the standard Inception-v3.
 
 Inception-v3 features mean little on 16×16 grey digits, so ``DigitsMetric`` uses the
 penultimate layer (64-d) of ``DigitsClassifier``, a small CNN trained once on the digits
@@ -21,19 +21,64 @@ torchmetrics is imported on first use, so registering the image plugin stays che
   calls c (only when labels are given).
 - ``classifier_test_accuracy``: the classifier on the reference set, a sanity number for
   the judge itself.
+
+Inception metric (``InceptionMetric``, registered as ``inception``)
+------------------------------------------------------------------
+For natural images (ImageNet, ...): ``fid`` (2048-d pool features), ``inception_score`` /
+``inception_score_std`` (1008-way ``logits_unbiased``, 10 splits, as the original IS code)
+and ``kid`` / ``kid_std``, computed by torchmetrics' ``FrechetInceptionDistance``,
+``InceptionScore`` and ``KernelInceptionDistance`` over features of torch-fidelity's
+``FeatureExtractorInceptionV3`` (the port of the TF Inception graph that TF-FID, ADM's
+evaluator, pytorch-fid and torch-fidelity share). One network and one forward pass give
+all three: torchmetrics' built-in networks would run Inception once per metric, its
+``InceptionScore`` takes no weights file, and its resize defaults to antialiased bilinear,
+which is not the standard FID resize. Pixels: samples in [-1, 1] become uint8
+round((x + 1) · 127.5) (``io.images_to_uint8``, the conversion ``write_adm_npz`` saves;
+grey is repeated to RGB), and the network resizes them to 299×299 with torch-fidelity's
+TensorFlow-1.x-exact bilinear (no antialias), as TF-FID and ADM's evaluator do.
+
+Dependency decision, torch-fidelity vs torchvision (checked with torch-fidelity 0.4.0,
+torch 2.13.0+cpu, torchmetrics 1.9.0): the Inception extractor module needs only torch,
+but torch-fidelity's package ``__init__`` imports its CLIP, DINOv2 and VGG16 extractors,
+which import torchvision; PyPI's torchvision does not load beside a CPU torch ("operator
+torchvision::nms does not exist"), and a plain ``pip install torch-fidelity`` even swaps
+torch for a CUDA build. So torch-fidelity is not in the ``image`` extra; install it by hand
+with ``pip install --no-deps "torch-fidelity==0.4.0"`` (its other requirements, numpy,
+pillow, tqdm and torch, are ditx's own). Installed that way without a working torchvision,
+``import torch_fidelity`` fails, and so does ``import torchmetrics`` (it imports
+torch-fidelity whenever it is installed). ``_torch_fidelity_without_torchvision`` handles
+exactly that case (on importing this module when torchvision is absent, and before
+torchmetrics or the extractor are imported): it registers the ``torch_fidelity`` package
+object with its real ``__path__`` but without running its ``__init__``, so its torch-only
+submodules, and torchmetrics, import normally; only torch-fidelity's top-level API (e.g.
+``torch_fidelity.calculate_metrics``) stays unavailable. Where torchvision works, nothing
+is changed. No code is copied from torch-fidelity: its network class is used as shipped.
+
+Weights: ``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid's release; torch-fidelity
+ships the same file as ``weights-inception-2015-12-05-6726825d.pth``: both names carry
+the SHA-256 prefix torch.hub checks). Looked up in ``weights_path``, then
+``$DITX_INCEPTION_WEIGHTS``, then torch.hub's ``checkpoints/`` directory (either name);
+downloaded only with ``download=True``. Otherwise ``prepare`` raises an error saying where
+to get the file and how to pass it. The file is first read with ``weights_only=True``, so
+a file that unpickles code is refused before torch-fidelity loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -310,6 +355,7 @@ class _GivenFeatures(nn.Module):
 
 
 def _import_torchmetrics():
+    _torch_fidelity_without_torchvision()  # else torchmetrics' import fails where torch-fidelity lacks torchvision
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -531,4 +577,507 @@ class DigitsMetric:
             },
             "torchmetrics_version": torchmetrics_version,
             "samples": "clamped to [-1, 1]",
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Inception metrics: FID, Inception Score and KID with the FID-standard Inception-v3
+# ---------------------------------------------------------------------------------------
+
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# torch-fidelity's name for the same file
+INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_WEIGHTS_URL_TORCH_FIDELITY = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash torch.hub checks, from the file name
+INCEPTION_WEIGHTS_ENV = "DITX_INCEPTION_WEIGHTS"
+INCEPTION_FEATURES = (64, 192, 768, 2048)  # pool sizes torchmetrics' FID accepts as ``feature=``
+INCEPTION_INPUT_SIZE = 299
+INCEPTION_CLASSES = 1008
+TORCH_FIDELITY_INSTALL = 'pip install --no-deps "torch-fidelity==0.4.0"'
+
+
+def _is_torchvision_failure(error: BaseException | None) -> bool:
+    """Whether an import failed because torchvision is missing or does not load beside this torch."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "torchvision":
+            return True
+        if "torchvision" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _torch_fidelity_stub_getattr(name: str):
+    raise AttributeError(
+        f"torch_fidelity.{name} is unavailable: torch-fidelity's package __init__ needs torchvision, which does not "
+        "import here, so only its torch-only submodules are loaded (import them by full name, e.g. "
+        "torch_fidelity.feature_extractor_inceptionv3); see modalities.image.metrics"
+    )
+
+
+def _torch_fidelity_without_torchvision(try_import: bool = True) -> None:
+    """Make torch-fidelity's torch-only submodules importable where torchvision is missing or broken.
+
+    Does nothing where torch-fidelity is not installed, is already imported, or imports
+    fine. Otherwise registers the ``torch_fidelity`` package (its real ``__path__``)
+    without running its ``__init__`` (see the module doc). ``try_import=False`` only
+    checks whether torchvision is installed at all: cheap enough for module import time.
+    """
+    if "torch_fidelity" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    if importlib.util.find_spec("torchvision") is not None:
+        if not try_import:
+            return
+        try:
+            importlib.import_module("torch_fidelity")
+            return
+        except Exception as e:  # ImportError, or RuntimeError from a torchvision built for another torch
+            if not _is_torchvision_failure(e):
+                raise
+            for name in [n for n in sys.modules if n == "torch_fidelity" or n.startswith("torch_fidelity.")]:
+                del sys.modules[name]  # half-imported leftovers; reimported below without __init__
+    package = importlib.util.module_from_spec(spec)  # a package object with __path__; __init__ is not run
+    package.__getattr__ = _torch_fidelity_stub_getattr
+    sys.modules["torch_fidelity"] = package
+    logger.debug("torch_fidelity registered without its __init__ (torchvision unavailable)")
+
+
+# Before anyone imports torchmetrics (the digits tests do, right after importing this module).
+_torch_fidelity_without_torchvision(try_import=False)
+
+
+def inception_extractor_class() -> type[nn.Module]:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` class, or an ImportError saying how to install it."""
+    _torch_fidelity_without_torchvision()
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "torch_fidelity":
+            raise
+        raise ImportError(
+            f"the inception metric needs torch-fidelity's Inception-v3 port: {TORCH_FIDELITY_INSTALL} "
+            "(--no-deps: its declared requirements pull a torchvision, and possibly a torch, that do not load beside "
+            "a CPU torch; the Inception extractor itself needs only torch)"
+        ) from e
+    return FeatureExtractorInceptionV3
+
+
+def _inception_weights_help(problem: str) -> str:
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"{problem}. The inception metric needs the FID-standard TF-Inception weights {INCEPTION_WEIGHTS_FILE} "
+        f"(torch-fidelity calls the same file {INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY}). On a machine with internet "
+        f"access download {INCEPTION_WEIGHTS_URL} (or {INCEPTION_WEIGHTS_URL_TORCH_FIDELITY}), copy it here, then "
+        f"pass weights_path=/path/to/{INCEPTION_WEIGHTS_FILE} (in a recipe: eval.metrics: "
+        f"[{{name: inception, weights_path: /path/to/{INCEPTION_WEIGHTS_FILE}}}]), or set the environment variable "
+        f"{INCEPTION_WEIGHTS_ENV}=/path/to/{INCEPTION_WEIGHTS_FILE}, or put it in {hub}/. "
+        "With internet access here, download=True fetches it into that directory"
+    )
+
+
+def find_inception_weights(weights_path: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The Inception weights file: ``weights_path``, else ``$DITX_INCEPTION_WEIGHTS``, else torch.hub's checkpoints.
+
+    A path that is given but missing is an error (never silently replaced by another
+    file). With nothing found, ``download=True`` fetches pytorch-fid's release into
+    torch.hub's ``checkpoints/`` (SHA-256 prefix checked); otherwise, or if that fails,
+    ``FileNotFoundError`` says where to get the file and how to pass it.
+    """
+    for source, value in (
+        ("weights_path", weights_path),
+        (INCEPTION_WEIGHTS_ENV, os.environ.get(INCEPTION_WEIGHTS_ENV)),
+    ):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(_inception_weights_help(f"{source}={str(value)!r} is not a file"))
+            return path
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in (INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY):
+        if (hub / name).is_file():
+            return hub / name
+    problem = f"no Inception weights: weights_path is not set, {INCEPTION_WEIGHTS_ENV} is not set, none in {hub}"
+    if not download:
+        raise FileNotFoundError(_inception_weights_help(problem))
+    target = hub / INCEPTION_WEIGHTS_FILE
+    try:
+        hub.mkdir(parents=True, exist_ok=True)
+        # writes a temporary file and renames it: an interrupted download leaves nothing behind
+        torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(target), hash_prefix=INCEPTION_WEIGHTS_SHA256_PREFIX)
+    except Exception as e:
+        raise FileNotFoundError(
+            _inception_weights_help(f"{problem}, and downloading it failed ({type(e).__name__}: {e})")
+        ) from e
+    return target
+
+
+def load_inception_extractor(
+    weights_path: str | os.PathLike,
+    features: Sequence[str] = ("2048", "logits_unbiased"),
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` with the weights in ``weights_path``, frozen, on ``device``.
+
+    Its forward takes uint8 ``(B, 3, H, W)`` images, resizes them to 299×299 (TF-1.x-exact
+    bilinear) and returns a tuple with one ``(B, dim)`` float32 tensor per name in
+    ``features`` (``"64"``, ``"192"``, ``"768"``, ``"2048"``, ``"logits_unbiased"``, ``"logits"``).
+    """
+    extractor = inception_extractor_class()
+    path = Path(weights_path)
+    try:  # refuses pickled code; torch-fidelity then loads the same file with weights_only=False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            _inception_weights_help(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e})")
+        ) from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(_inception_weights_help(f"{path} holds a {type(state).__name__}, not a state dict of tensors"))
+    del state
+    try:
+        network = extractor("inception-v3-compat", list(features), feature_extractor_weights_path=str(path))
+    except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
+        raise ValueError(
+            _inception_weights_help(f"{path} does not hold the weights of torch-fidelity's FeatureExtractorInceptionV3")
+            + f" ({e})"
+        ) from e
+    return network.to(device).eval().requires_grad_(False)
+
+
+def _import_inception_score():
+    _torch_fidelity_without_torchvision()
+    try:
+        from torchmetrics.image.inception import InceptionScore
+    except ImportError as e:
+        raise ImportError("the Inception Score needs torchmetrics: pip install torchmetrics") from e
+    return InceptionScore
+
+
+def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """Inception Score of class logits ``(N, K)``: mean and std over splits of exp(E_x KL(p(y|x) ‖ p(y))).
+
+    torchmetrics' ``InceptionScore`` on given logits (softmax inside, float64): rows are
+    shuffled by a permutation drawn with ``seed`` (the global RNG is left as it was), cut
+    into ``splits`` parts by ``torch.chunk`` and p(y) is each part's mean prediction; the
+    std is the unbiased one over parts (0 for one part). For probabilities ``p`` pass
+    ``p.log()`` (exact zeros are fine). With the 1008 ``logits_unbiased`` of the FID
+    Inception and 10 splits this is the standard IS.
+    """
+    if logits.ndim != 2 or len(logits) < 1:
+        raise ValueError(f"logits must be (N >= 1, K) class scores, got shape {tuple(logits.shape)}")
+    if not 1 <= splits <= len(logits):
+        raise ValueError(f"splits must be between 1 and the number of predictions ({len(logits)}), got {splits}")
+    score_cls = _import_inception_score()
+    # log(0) = -inf would make 0 * (-inf) = nan inside; the most negative double gives the same probabilities
+    x = logits.detach().double().cpu().nan_to_num(neginf=torch.finfo(torch.float64).min)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")  # given, and small
+        warnings.filterwarnings("ignore", message=".*degrees of freedom")  # the std of one split; reported as 0
+        metric = score_cls(feature=_GivenFeatures(x.shape[1]), splits=splits)
+        metric.update(x)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # torchmetrics shuffles with the global torch.randperm
+            mean, std = metric.compute()
+    return float(mean), float(std) if splits > 1 else 0.0
+
+
+def frechet_distance_to_stats(mu: Tensor, sigma: Tensor, features: Tensor) -> float:
+    """Fréchet distance between the Gaussian ``(mu (D,), sigma (D, D))`` and features ``(N, D)`` (float64).
+
+    ``mu``/``sigma`` are precomputed reference statistics (e.g. an ADM reference batch).
+    torchmetrics' ``FrechetInceptionDistance`` keeps the sufficient statistics (Σf, Σffᵀ,
+    n) as its state; the reference side is set from ``mu``/``sigma`` (any n ≥ 2 gives
+    back the same mean and unbiased covariance), the sample side is updated as usual.
+    """
+    fid_cls, _ = _import_torchmetrics()
+    b = _check_features("features", features)
+    mu, sigma = torch.as_tensor(mu).double().cpu(), torch.as_tensor(sigma).double().cpu()
+    d = b.shape[1]
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise ValueError(
+            f"reference statistics must be mu ({d},) and sigma ({d}, {d}) for {d}-d features, "
+            f"got mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}"
+        )
+    fid = fid_cls(feature=_GivenFeatures(d))
+    n = 2
+    fid.real_features_sum = mu * n
+    fid.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+    fid.real_features_num_samples = torch.tensor(n)
+    fid.update(b, real=False)
+    return float(fid.compute())
+
+
+def load_reference_stats(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """``(mu (D,), sigma (D, D))`` float64 from an ``.npz`` with ``mu`` and ``sigma`` (as ADM reference batches)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference_stats={str(path)!r} is not a file (an .npz holding 'mu' and 'sigma')")
+    with np.load(path) as data:  # allow_pickle=False: arrays only
+        missing = [key for key in ("mu", "sigma") if key not in data.files]
+        if missing:
+            raise ValueError(
+                f"{path} lacks {missing}: reference statistics are an .npz with 'mu' (D,) and 'sigma' (D, D), "
+                f"as ADM's reference batches or InceptionMetric.write_reference_stats write; it holds {data.files}"
+            )
+        mu, sigma = torch.from_numpy(data["mu"].astype(np.float64)), torch.from_numpy(data["sigma"].astype(np.float64))
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+    return mu, sigma
+
+
+def _iter_dataset_images(dataset: Dataset, batch_size: int):
+    """Batches ``(B, C, H, W)`` of a dataset's images, without holding the whole set in memory."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, Tensor):
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size]
+        return
+    for i in range(0, len(dataset), batch_size):
+        yield torch.stack([torch.as_tensor(dataset[j]["x"]) for j in range(i, min(i + batch_size, len(dataset)))])
+
+
+def _check_images(name: str, images: Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"the inception metric's {name} must be images (N, 3 or 1, H, W) in [-1, 1], got shape "
+            f"{tuple(images.shape)}; for latents, decode them first or give reference_stats="
+        )
+
+
+class InceptionMetric:
+    """FID, Inception Score and KID with the FID-standard Inception-v3 (see the module doc).
+
+    ::
+
+        metric = InceptionMetric(weights_path="pt_inception-2015-12-05-6726825d.pth")
+        metric.prepare(reference_dataset, device="cuda")   # or InceptionMetric(reference_stats="ref.npz")
+        metric.compute(samples, labels)   # {"fid", "inception_score", "inception_score_std", "kid", "kid_std"}
+        metric.protocol()                 # how the numbers were made, for the results file
+
+    Samples and reference images are ``(N, 3 or 1, H, W)`` in [-1, 1], any size (resized to
+    299×299). ``feature`` picks the pool layer for FID and KID (2048 is the standard one;
+    the smaller ones exist for quick checks). ``reference_stats`` (an ``.npz`` with ``mu``
+    and ``sigma`` of the same layer) replaces the reference dataset; KID needs reference
+    features, so it is reported only with a dataset. Labels are not used. The number of IS
+    splits is capped at the sample count. The 2048-d FID's matrix square root takes about
+    a minute on a small CPU.
+    """
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None = None,
+        reference_stats: str | os.PathLike | None = None,
+        feature: int = 2048,
+        is_splits: int = 10,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        kid_degree: int = 3,
+        seed: int = 0,
+        batch_size: int = 50,
+        download: bool = False,
+    ):
+        if feature not in INCEPTION_FEATURES:
+            raise ValueError(f"feature must be one of {INCEPTION_FEATURES} (2048 is standard FID), got {feature!r}")
+        if is_splits < 1:
+            raise ValueError(f"is_splits must be >= 1, got {is_splits}")
+        self.weights_path = weights_path
+        self.reference_stats = reference_stats
+        self.feature = feature
+        self.is_splits = is_splits
+        self.kid_subsets = kid_subsets
+        self.kid_subset_size = kid_subset_size
+        self.kid_degree = kid_degree
+        self.seed = seed
+        self.batch_size = batch_size
+        self.download = download
+        self.network: nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.weights_file: Path | None = None
+        self.weights_sha256: str | None = None
+        self.reference_features: Tensor | None = None  # (N, feature), with a reference dataset
+        self.reference_mu: Tensor | None = None  # with reference statistics
+        self.reference_sigma: Tensor | None = None
+        self.reference_description: dict[str, Any] = {}
+        self.num_samples: int | None = None
+        self.sample_shape: list[int] | None = None
+        self.is_splits_used: int | None = None
+
+    def prepare(self, reference: Dataset | None = None, device: str | torch.device = "cpu") -> None:
+        """Load the network and embed the reference set (or read ``reference_stats``, which then wins)."""
+        if self.reference_stats is None and reference is None:
+            raise ValueError("the inception metric needs a reference dataset or reference_stats= (.npz with mu, sigma)")
+        self.device = torch.device(device)
+        self.weights_file = find_inception_weights(self.weights_path, self.download)
+        self.network = load_inception_extractor(self.weights_file, (str(self.feature), "logits_unbiased"), self.device)
+        self.weights_sha256 = _file_sha256(self.weights_file)
+        if not self.weights_sha256.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX):
+            warnings.warn(
+                f"{self.weights_file} (sha256 {self.weights_sha256[:12]}...) is not the official "
+                f"{INCEPTION_WEIGHTS_FILE} (sha256 {INCEPTION_WEIGHTS_SHA256_PREFIX}...): FID/IS/KID will not be "
+                "comparable with published numbers",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self.reference_stats is not None:
+            path = Path(self.reference_stats)
+            self.reference_mu, self.reference_sigma = load_reference_stats(path)
+            if len(self.reference_mu) != self.feature:
+                raise ValueError(
+                    f"{path} holds {len(self.reference_mu)}-d statistics but feature={self.feature}; "
+                    f"use feature={len(self.reference_mu)} if that is the layer they were computed on"
+                )
+            self.reference_features = None
+            self.reference_description = {
+                "stats_file": str(path),
+                "stats_sha256": _file_sha256(path),
+                "dim": len(self.reference_mu),
+            }
+            return
+        features = []
+        shape = None
+        for images in _iter_dataset_images(reference, self.batch_size):
+            _check_images("reference images", images)
+            shape = list(images.shape[1:])
+            features.append(self._embed(images)[0])
+        if sum(len(f) for f in features) < 2:
+            raise ValueError("the inception metric's reference set needs at least 2 images")
+        self.reference_features = torch.cat(features)
+        self.reference_mu = self.reference_sigma = None
+        self.reference_description = {
+            "dataset": type(reference).__name__,
+            "split": getattr(reference, "split", None),
+            "size": len(self.reference_features),
+            "shape": shape,
+        }
+
+    @torch.no_grad()
+    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, C, H, W) in [-1, 1] -> pool features (N, feature) and logits (N, 1008), float32 on the CPU."""
+        from modalities.image.io import images_to_uint8
+
+        assert self.network is not None
+        features, logits = [], []
+        for i in range(0, len(images), self.batch_size):
+            x = images_to_uint8(images[i : i + self.batch_size].to(self.device))  # (B, C, H, W) uint8
+            f, logit = self.network(x.expand(-1, 3, -1, -1))  # grey -> RGB; resized to 299x299 inside
+            features.append(f.float().cpu())
+            logits.append(logit.float().cpu())
+        return torch.cat(features), torch.cat(logits)
+
+    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+        """Metrics of ``samples`` (N, 3 or 1, H, W) in [-1, 1]; ``labels`` are accepted and unused.
+
+        Returns ``fid``, ``inception_score``, ``inception_score_std`` and, with a reference
+        dataset, ``kid`` and ``kid_std``.
+        """
+        if self.network is None or (self.reference_features is None and self.reference_mu is None):
+            raise RuntimeError("InceptionMetric.compute called before prepare(reference, device)")
+        _check_images("samples", samples)
+        if len(samples) < 2:
+            raise ValueError(f"FID needs at least 2 samples, got {len(samples)}")
+        features, logits = self._embed(samples)
+        splits = min(self.is_splits, len(samples))
+        if splits < self.is_splits:
+            logger.warning(
+                "Inception Score: %d samples, so %d splits instead of %d", len(samples), splits, self.is_splits
+            )
+        score, score_std = inception_score(logits, splits=splits, seed=self.seed)
+        self.num_samples, self.sample_shape, self.is_splits_used = len(samples), list(samples.shape[1:]), splits
+        if self.reference_features is None:
+            return {
+                "fid": frechet_distance_to_stats(self.reference_mu, self.reference_sigma, features),
+                "inception_score": score,
+                "inception_score_std": score_std,
+            }
+        kid, kid_std = kernel_distance(
+            self.reference_features,
+            features,
+            subsets=self.kid_subsets,
+            subset_size=self.kid_subset_size,
+            degree=self.kid_degree,
+            seed=self.seed,
+        )
+        return {
+            "fid": frechet_distance(self.reference_features, features),
+            "inception_score": score,
+            "inception_score_std": score_std,
+            "kid": kid,
+            "kid_std": kid_std,
+        }
+
+    def write_reference_stats(self, path: str | os.PathLike) -> Path:
+        """Write the prepared reference set's ``mu`` (D,) and ``sigma`` (D, D) (float64) as an ``.npz``, atomically.
+
+        The file is what ``reference_stats=`` reads, so a large reference set is embedded once.
+        """
+        if self.reference_features is None:
+            raise RuntimeError("write_reference_stats needs prepare() with a reference dataset first")
+        features = self.reference_features.double()
+        mu, sigma = features.mean(0), torch.cov(features.T)  # unbiased, like torchmetrics' FID
+        path = Path(path)
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+            np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
+        return path
+
+    def protocol(self) -> dict[str, Any]:
+        """JSON-able description of how ``compute``'s numbers are made (call after ``prepare``/``compute``)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        def package_version(name: str) -> str | None:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return None
+
+        with_kid = self.reference_features is not None
+        return {
+            "metric": "inception",
+            "num_samples": self.num_samples,
+            "sample_shape": self.sample_shape,
+            "feature_extractor": {
+                "name": "torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3",
+                "torch_fidelity_version": package_version("torch-fidelity"),
+                "weights_file": None if self.weights_file is None else self.weights_file.name,
+                "weights_sha256": self.weights_sha256,
+                "weights_official": None
+                if self.weights_sha256 is None
+                else self.weights_sha256.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
+                "fid_kid_features": f"{self.feature}-d pool",
+                "is_logits": f"logits_unbiased ({INCEPTION_CLASSES}-way, no bias)",
+                "dtype": "float32",
+            },
+            "preprocessing": {
+                "to_uint8": "round((clamp(x, -1, 1) + 1) * 127.5); grey repeated to RGB",
+                "resize": f"to {INCEPTION_INPUT_SIZE}x{INCEPTION_INPUT_SIZE}, bilinear, TensorFlow-1.x-exact "
+                "(torch_fidelity interpolate_bilinear_2d_like_tensorflow1x), no antialias",
+            },
+            "reference": self.reference_description,
+            "reference_size": self.reference_description.get("size"),
+            "fid": {"implementation": "torchmetrics.FrechetInceptionDistance", "dtype": "float64"},
+            "inception_score": {
+                "implementation": "torchmetrics.InceptionScore",
+                "splits": self.is_splits,
+                "splits_used": self.is_splits_used,
+                "shuffle_seed": self.seed,
+                "std": "unbiased, over splits",
+            },
+            "kid": None
+            if not with_kid
+            else {
+                "implementation": "torchmetrics.KernelInceptionDistance",
+                "kernel": "polynomial (a.b / dim + 1) ** degree",
+                "degree": self.kid_degree,
+                "subsets": self.kid_subsets,
+                "subset_size": self.kid_subset_size,
+                "subset_size_capped_at": "min(reference size, sample count)",
+                "seed": self.seed,
+            },
+            "torchmetrics_version": package_version("torchmetrics"),
         }
