@@ -266,6 +266,12 @@ def add_sample_parser(subparsers) -> None:
         metavar="NAME_OR_PATH",
         help="recipe to sample with (default: the run's config.yaml; required for a model directory)",
     )
+    sample.add_argument(
+        "--format",
+        default=None,
+        metavar="FORMAT",
+        help="an extra output format of the modality, e.g. npz (images: ADM evaluation-suite samples.npz)",
+    )
     sample.set_defaults(func=run_sample)
 
 
@@ -275,7 +281,9 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--num must be at least 1, got {args.num}")
     from ditx.sample import sample_from
 
-    out = sample_from(args.path, num=args.num, out=args.out, recipe=args.recipe, overrides=overrides)
+    out = sample_from(
+        args.path, num=args.num, out=args.out, recipe=args.recipe, overrides=overrides, fmt=args.format
+    )
     print(out)
     return 0
 

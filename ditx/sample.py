@@ -152,9 +152,21 @@ def sample_from(
     out: str | Path | None = None,
     recipe: str | Path | None = None,
     overrides: list[str] | None = None,
+    fmt: str | None = None,
 ) -> Path:
-    """``ditx sample``: write ``num`` samples (default ``sample.num_samples``) into ``out``."""
+    """``ditx sample``: write ``num`` samples (default ``sample.num_samples``) into ``out``.
+
+    ``fmt`` adds a modality-specific format written by the ``<modality>-<fmt>`` writer
+    (e.g. ``npz`` for images: ADM's evaluation-suite layout).
+    """
     r, parts, model = load_for_sampling(path, recipe, overrides)
+    extra = None
+    if fmt:
+        name = f"{r.modality}-{fmt}"
+        if name not in writers:
+            known = [n.split("-", 1)[1] for n in writers.names() if n.startswith(f"{r.modality}-")]
+            raise ValueError(f"no {fmt!r} output for {r.modality}; formats: {', '.join(known) or '(none)'}")
+        extra = writers.get(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if hasattr(parts.autoencoder, "to"):
@@ -163,5 +175,7 @@ def sample_from(
     out = Path(out) if out else Path(path) / "samples" / f"sample_{r.sample.scheduler}_{r.sample.num_steps}"
     samples, labels = generate(parts, model, num, device, progress=True)
     writers.get(r.modality)(samples, out, labels)
+    if extra is not None:
+        extra(samples, out, labels)
     logger.info("wrote %d samples to %s", num, out)
     return out

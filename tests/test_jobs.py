@@ -28,8 +28,15 @@ def test_sample_writes_a_grid_and_labelled_pngs(tiny_run, tmp_path):
     assert img.size == (8, 8) and img.mode == "L"
     # a checkpoint directory works as well as the run, with overrides
     ckpt_dir = tiny_run / "checkpoints" / "step_00000002"
-    out2 = sample_from(ckpt_dir, num=2, out=tmp_path / "s2", overrides=["sample.num_steps=2"])
+    out2 = sample_from(ckpt_dir, num=2, out=tmp_path / "s2", overrides=["sample.num_steps=2"], fmt="npz")
     assert (out2 / "grid.png").is_file()
+    import numpy as np
+
+    npz = np.load(out2 / "samples.npz")
+    assert npz["arr_0"].shape == (2, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="no 'mp4' output for image; formats: npz"):
+        sample_from(ckpt_dir, num=1, out=tmp_path / "s3", fmt="mp4")
 
 
 def test_generation_does_not_depend_on_the_batch_size(tiny_run):
@@ -70,3 +77,35 @@ def test_sampling_a_model_directory_needs_a_matching_recipe(tiny_recipe, tmp_pat
     assert (out / "grid.png").is_file()
     with pytest.raises(ValueError, match="does not match the recipe's model"):
         sample_from(tmp_path / "model", num=2, recipe=recipe_file, overrides=["model.depth=3"])
+
+
+def test_official_dit_converts_and_samples_through_the_paper_recipe(tmp_path):
+    """facebookresearch/DiT layout -> `ditx convert` -> `ditx sample --recipe image/dit-xl2-imagenet256`
+    (DiT-S/2 instead of XL/2 and a tiny random SD-VAE-shaped VAE, to stay small)."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from ditx.cli import main
+    from ditx.dit import build_dit
+    from ditx.tokenizer import sincos_nd
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-S/2", num_classes=1000)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    official = {"pos_embed": torch.from_numpy(sincos_nd(384, (4, 4))).float()[None], **model.state_dict()}
+    torch.save(official, tmp_path / "DiT-S-2-64.pt")
+    assert main(["convert", "dit-official", str(tmp_path / "DiT-S-2-64.pt"), str(tmp_path / "dit")]) == 0
+    # SD-VAE's shape: 4 latent channels, 8x downsampling (3 halvings), tiny widths
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    out = sample_from(
+        tmp_path / "dit", num=3, out=tmp_path / "samples", recipe="image/dit-xl2-imagenet256", fmt="npz",
+        overrides=["model.preset=DiT-S/2", f"autoencoder.pretrained={tmp_path / 'vae'}", "sample.num_steps=3"],
+    )  # fmt: skip
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape == (3, 64, 64, 3)  # 8x8 latents decoded by the 8x VAE
+    assert (out / "grid.png").is_file()

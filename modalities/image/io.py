@@ -98,3 +98,8 @@ def write_adm_npz(samples: Tensor, path: str | Path, labels: Tensor | None = Non
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
     return path
+
+
+def write_npz_samples(samples: Tensor, out_dir: str | Path, labels: Tensor | None = None) -> list[Path]:
+    """Writer ``image-npz``: ``out_dir/samples.npz`` in the ADM evaluation-suite layout."""
+    return [write_adm_npz(samples, Path(out_dir) / "samples.npz", labels)]
