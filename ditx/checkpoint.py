@@ -519,7 +519,8 @@ MANIFEST_NAME = "manifest.json"
 _STEP_DIR = "step_{:08d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -619,7 +620,7 @@ def save_training_state(
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng_{rank}.safetensors"))
                 (tmp / f"rng_{rank}.json").write_text(json.dumps(rest))
             (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=2))
-            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST_NAME).write_text(json.dumps({"step": step, "files": files}, indent=2))
         if keep > 0:
             for old in list_checkpoints(root)[:-keep]:
@@ -652,7 +653,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
-        if _sha256(f) != meta["sha256"]:
+        if file_sha256(f) != meta["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (corrupt)"
     return None
 

@@ -11,6 +11,9 @@ Implementation choice: the Fréchet distance and KID are torchmetrics'
 1.9), given a pass-through ``feature=`` module over features this module computes. Both
 run on torch alone with a custom feature module: no torchvision, no torch-fidelity.
 torchmetrics is imported on first use, so registering the image plugin stays cheap.
+Both metrics are ``FeatureDistanceMetric`` subclasses: the batched embedding of the reference
+and the samples, FID/KID and the common part of ``protocol()`` are written once; each
+metric supplies its network and its extras.
 
 - ``fid``: ‖μ_r − μ_s‖² + Tr(Σ_r + Σ_s − 2(Σ_r Σ_s)^½), float64, unbiased covariances.
 - ``kid`` / ``kid_std``: mean and (population) std over ``kid_subsets`` random subsets of
@@ -74,6 +77,7 @@ import os
 import sys
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,7 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import atomic_write
+from ditx.checkpoint import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -260,14 +264,6 @@ def _test_accuracy(model: DigitsClassifier, settings: dict[str, Any]) -> float:
     return _accuracy(model, test.images, test.labels)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def classifier_cache_path(settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return cache / f"digits-classifier-{settings_hash(settings)}.safetensors"
@@ -333,7 +329,7 @@ def load_or_train_digits_classifier(
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
     model.settings = settings
     model.settings_hash = settings_hash(settings)
-    model.weights_sha256 = _file_sha256(path)
+    model.weights_sha256 = file_sha256(path)
     model.test_accuracy = test_accuracy
     return model.to(device)
 
@@ -414,8 +410,34 @@ def kernel_distance(
     return float(mean), float(std)
 
 
+def frechet_distance_to_stats(mu: Tensor, sigma: Tensor, features: Tensor) -> float:
+    """Fréchet distance between the Gaussian ``(mu (D,), sigma (D, D))`` and features ``(N, D)`` (float64).
+
+    ``mu``/``sigma`` are precomputed reference statistics (e.g. an ADM reference batch).
+    torchmetrics' ``FrechetInceptionDistance`` keeps the sufficient statistics (Σf, Σffᵀ,
+    n) as its state; the reference side is set from ``mu``/``sigma`` (any n ≥ 2 gives
+    back the same mean and unbiased covariance), the sample side is updated as usual.
+    """
+    fid_cls, _ = _import_torchmetrics()
+    b = _check_features("features", features)
+    mu, sigma = torch.as_tensor(mu).double().cpu(), torch.as_tensor(sigma).double().cpu()
+    d = b.shape[1]
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise ValueError(
+            f"reference statistics must be mu ({d},) and sigma ({d}, {d}) for {d}-d features, "
+            f"got mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}"
+        )
+    fid = fid_cls(feature=_GivenFeatures(d))
+    n = 2
+    fid.real_features_sum = mu * n
+    fid.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+    fid.real_features_num_samples = torch.tensor(n)
+    fid.update(b, real=False)
+    return float(fid.compute())
+
+
 # ---------------------------------------------------------------------------------------
-# The metric the evaluate job calls
+# The metrics the evaluate job calls: what they share, and the digits metric
 # ---------------------------------------------------------------------------------------
 
 
@@ -431,7 +453,132 @@ def _dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor | None]:
     return images, torch.tensor([int(item["y"]) for item in items]) if has_labels else None
 
 
-class DigitsMetric:
+def _package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, None if it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+class FeatureDistanceMetric(ABC):
+    """What ``DigitsMetric`` and ``InceptionMetric`` share: FID and KID between features of a reference and samples.
+
+    A metric (the evaluate job's protocol: ``prepare(reference, device)``,
+    ``compute(samples, labels) -> dict``, ``protocol() -> dict``) embeds images with one
+    network into features (for FID/KID) and logits (for its own extras). This class holds
+    the batched embedding, the reference (features, or ``mu``/``sigma`` statistics, which
+    give FID but no KID), FID/KID of sample features against it, the checks shared by all
+    metrics and the common part of ``protocol()``. A subclass supplies ``prepare``,
+    ``compute``, its network (``_network``, ``_embed_batch``, ``_describe_network``), its
+    sample checks (``_check_samples``) and its extras.
+    """
+
+    name: str  # the registry name, recorded as the protocol's "metric"
+
+    def __init__(self, kid_subsets: int, kid_subset_size: int, kid_degree: int, seed: int, batch_size: int):
+        self.kid_subsets = kid_subsets
+        self.kid_subset_size = kid_subset_size
+        self.kid_degree = kid_degree
+        self.seed = seed
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+        self.reference_features: Tensor | None = None  # (N, D), with a reference dataset
+        self.reference_mu: Tensor | None = None  # (D,) and (D, D), with reference statistics
+        self.reference_sigma: Tensor | None = None
+        self.reference_size: int | None = None
+        self.reference_description: dict[str, Any] = {}
+
+    @abstractmethod
+    def _network(self) -> nn.Module | None:
+        """The feature network, None before ``prepare``."""
+
+    @abstractmethod
+    def _embed_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) in [-1, 1] on ``self.device`` -> features (B, D) and logits (B, K)."""
+
+    @abstractmethod
+    def _describe_network(self) -> dict[str, Any]:
+        """The protocol's ``feature_extractor`` entry: which network, which weights, which layer."""
+
+    @torch.no_grad()
+    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, C, H, W) in [-1, 1] -> features (N, D) and logits (N, K), float32 on the CPU; ``batch_size`` per pass."""
+        assert self._network() is not None
+        features, logits = [], []
+        for i in range(0, len(images), self.batch_size):
+            f, logit = self._embed_batch(images[i : i + self.batch_size].to(self.device))
+            features.append(f.float().cpu())
+            logits.append(logit.float().cpu())
+        return torch.cat(features), torch.cat(logits)
+
+    def _set_reference(self, reference: Dataset, features: Sequence[Tensor], shape: list[int] | None) -> None:
+        """Keep the reference set's features (a list of ``(B, D)`` batches) and describe the set."""
+        if sum(len(f) for f in features) < 2:
+            raise ValueError(f"the {self.name} metric's reference set needs at least 2 images")
+        self.reference_features = torch.cat(features)
+        self.reference_mu = self.reference_sigma = None
+        self.reference_size = len(self.reference_features)
+        self.reference_description = {
+            "dataset": type(reference).__name__,
+            "split": getattr(reference, "split", None),
+            "size": self.reference_size,
+            "shape": shape,
+        }
+
+    def _check_samples(self, samples: Tensor, labels: Tensor | None) -> None:
+        """Raise ValueError for samples the metric cannot judge; subclasses check the image shape first."""
+        if len(samples) < 2:
+            raise ValueError(f"FID/KID need at least 2 samples, got {len(samples)}")
+
+    def _embed_samples(self, samples: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Features (N, D) and logits (N, K) of checked ``samples``, once ``prepare`` has run."""
+        if self._network() is None or (self.reference_features is None and self.reference_mu is None):
+            raise RuntimeError(f"{type(self).__name__}.compute called before prepare(reference, device)")
+        self._check_samples(samples, labels)
+        return self._embed(samples)
+
+    def _fid_kid(self, features: Tensor) -> dict[str, float]:
+        """``fid`` of sample features (N, D) against the reference and, with reference features, ``kid``/``kid_std``."""
+        if self.reference_features is None:
+            return {"fid": frechet_distance_to_stats(self.reference_mu, self.reference_sigma, features)}
+        kid, kid_std = kernel_distance(
+            self.reference_features,
+            features,
+            subsets=self.kid_subsets,
+            subset_size=self.kid_subset_size,
+            degree=self.kid_degree,
+            seed=self.seed,
+        )
+        return {"fid": frechet_distance(self.reference_features, features), "kid": kid, "kid_std": kid_std}
+
+    def _kid_protocol(self) -> dict[str, Any] | None:
+        return {
+            "implementation": "torchmetrics.KernelInceptionDistance",
+            "kernel": "polynomial (a.b / dim + 1) ** degree",
+            "degree": self.kid_degree,
+            "subsets": self.kid_subsets,
+            "subset_size": self.kid_subset_size,
+            "subset_size_capped_at": "min(reference size, sample count)",
+            "seed": self.seed,
+        }
+
+    def protocol(self) -> dict[str, Any]:
+        """JSON-able description of how ``compute``'s numbers are made (call after ``prepare``/``compute``)."""
+        return {
+            "metric": self.name,
+            "feature_extractor": self._describe_network(),
+            "reference": self.reference_description,
+            "reference_size": self.reference_size,
+            "fid": {"implementation": "torchmetrics.FrechetInceptionDistance", "dtype": "float64"},
+            "kid": self._kid_protocol(),
+            "torchmetrics_version": _package_version("torchmetrics"),
+        }
+
+
+class DigitsMetric(FeatureDistanceMetric):
     """FID, KID and class accuracy of digit samples, judged by ``DigitsClassifier`` (see the module doc).
 
     ::
@@ -445,6 +592,8 @@ class DigitsMetric:
     count and any size ≥ 8.
     """
 
+    name = "digits"
+
     def __init__(
         self,
         cache_dir: str | os.PathLike | None = None,
@@ -456,20 +605,13 @@ class DigitsMetric:
         classifier_epochs: int = 12,
         batch_size: int = 256,
     ):
+        super().__init__(kid_subsets, kid_subset_size, kid_degree, seed, batch_size)
         self.cache_dir = cache_dir
-        self.kid_subsets = kid_subsets
-        self.kid_subset_size = kid_subset_size
-        self.kid_degree = kid_degree
-        self.seed = seed
         self.classifier_seed = classifier_seed
         self.classifier_epochs = classifier_epochs
-        self.batch_size = batch_size
         self.classifier: DigitsClassifier | None = None
-        self.device = torch.device("cpu")
-        self.reference_features: Tensor | None = None
         self.reference_accuracy: float | None = None
         self.reference_size = 0
-        self.reference_description: dict[str, Any] = {}
 
     def prepare(self, reference: Dataset, device: str | torch.device = "cpu") -> None:
         """Load (or train once) the classifier matching the reference's shape and embed the reference set."""
@@ -487,27 +629,27 @@ class DigitsMetric:
             seed=self.classifier_seed,
             epochs=self.classifier_epochs,
         )
-        self.reference_features, logits = self._embed(images)
-        self.reference_size = len(images)
+        features, logits = self._embed(images)
+        self._set_reference(reference, [features], list(images.shape[1:]))
         self.reference_accuracy = None if labels is None else float((logits.argmax(1) == labels.cpu()).double().mean())
-        self.reference_description = {
-            "dataset": type(reference).__name__,
-            "split": getattr(reference, "split", None),
-            "size": self.reference_size,
-            "shape": list(images.shape[1:]),
-        }
 
-    @torch.no_grad()
-    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, C, H, W) -> features (N, D) and logits (N, 10), on the CPU."""
-        assert self.classifier is not None
-        features, logits = [], []
-        for i in range(0, len(images), self.batch_size):
-            x = images[i : i + self.batch_size].to(self.device).clamp(-1, 1)
-            f, logit = self.classifier.features_and_logits(x)
-            features.append(f.cpu())
-            logits.append(logit.cpu())
-        return torch.cat(features), torch.cat(logits)
+    def _network(self) -> nn.Module | None:
+        return self.classifier
+
+    def _embed_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> features (B, 64) and logits (B, 10), of the images clamped to [-1, 1]."""
+        return self.classifier.features_and_logits(images.clamp(-1, 1))
+
+    def _check_samples(self, samples: Tensor, labels: Tensor | None) -> None:
+        channels = self.classifier.channels
+        if samples.ndim != 4 or samples.shape[1] != channels or min(samples.shape[-2:]) < 8:
+            raise ValueError(
+                f"digits metric samples must be (N, {channels}, H>=8, W>=8) like the reference, "
+                f"got shape {tuple(samples.shape)}"
+            )
+        super()._check_samples(samples, labels)
+        if labels is not None and (labels.ndim != 1 or len(labels) != len(samples)):
+            raise ValueError(f"labels must be (N,) = ({len(samples)},) class indices, got shape {tuple(labels.shape)}")
 
     def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """Metrics of ``samples`` (N, C, H, W) in [-1, 1] generated for ``labels`` (N,) (None: unconditional).
@@ -515,69 +657,29 @@ class DigitsMetric:
         Returns ``fid``, ``kid``, ``kid_std``, ``classifier_test_accuracy`` (if the reference
         had labels) and ``class_accuracy`` (if ``labels`` is given).
         """
-        if self.classifier is None or self.reference_features is None:
-            raise RuntimeError("DigitsMetric.compute called before prepare(reference, device)")
-        channels = self.classifier.channels
-        if samples.ndim != 4 or samples.shape[1] != channels or min(samples.shape[-2:]) < 8:
-            raise ValueError(
-                f"digits metric samples must be (N, {channels}, H>=8, W>=8) like the reference, "
-                f"got shape {tuple(samples.shape)}"
-            )
-        if len(samples) < 2:
-            raise ValueError(f"FID/KID need at least 2 samples, got {len(samples)}")
-        if labels is not None and (labels.ndim != 1 or len(labels) != len(samples)):
-            raise ValueError(f"labels must be (N,) = ({len(samples)},) class indices, got shape {tuple(labels.shape)}")
-        features, logits = self._embed(samples)
-        kid, kid_std = kernel_distance(
-            self.reference_features,
-            features,
-            subsets=self.kid_subsets,
-            subset_size=self.kid_subset_size,
-            degree=self.kid_degree,
-            seed=self.seed,
-        )
-        result = {"fid": frechet_distance(self.reference_features, features), "kid": kid, "kid_std": kid_std}
+        features, logits = self._embed_samples(samples, labels)
+        result = self._fid_kid(features)
         if labels is not None:
             result["class_accuracy"] = float((logits.argmax(1) == labels.cpu().long()).double().mean())
         if self.reference_accuracy is not None:
             result["classifier_test_accuracy"] = self.reference_accuracy
         return result
 
-    def protocol(self) -> dict[str, Any]:
-        """JSON-able description of how ``compute``'s numbers are made (call after ``prepare``)."""
-        try:
-            from importlib.metadata import version
-
-            torchmetrics_version = version("torchmetrics")
-        except Exception:
-            torchmetrics_version = None
+    def _describe_network(self) -> dict[str, Any]:
         classifier = self.classifier
         return {
-            "metric": "digits",
-            "feature_extractor": {
-                "name": "DigitsClassifier.features",
-                "dim": FEATURE_DIM,
-                "input_size": CLASSIFIER_INPUT_SIZE,
-                "settings": None if classifier is None else classifier.settings,
-                "settings_hash": None if classifier is None else classifier.settings_hash,
-                "weights_sha256": None if classifier is None else classifier.weights_sha256,
-                "test_accuracy_at_training": None if classifier is None else classifier.test_accuracy,
-            },
-            "reference": self.reference_description,
-            "reference_size": self.reference_size,
-            "fid": {"implementation": "torchmetrics.FrechetInceptionDistance", "dtype": "float64"},
-            "kid": {
-                "implementation": "torchmetrics.KernelInceptionDistance",
-                "kernel": "polynomial (a.b / dim + 1) ** degree",
-                "degree": self.kid_degree,
-                "subsets": self.kid_subsets,
-                "subset_size": self.kid_subset_size,
-                "subset_size_capped_at": "min(reference size, sample count)",
-                "seed": self.seed,
-            },
-            "torchmetrics_version": torchmetrics_version,
-            "samples": "clamped to [-1, 1]",
+            "name": "DigitsClassifier.features",
+            "dim": FEATURE_DIM,
+            "input_size": CLASSIFIER_INPUT_SIZE,
+            "settings": None if classifier is None else classifier.settings,
+            "settings_hash": None if classifier is None else classifier.settings_hash,
+            "weights_sha256": None if classifier is None else classifier.weights_sha256,
+            "test_accuracy_at_training": None if classifier is None else classifier.test_accuracy,
         }
+
+    def protocol(self) -> dict[str, Any]:
+        """JSON-able description of how ``compute``'s numbers are made (call after ``prepare``)."""
+        return {**super().protocol(), "samples": "clamped to [-1, 1]"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -788,32 +890,6 @@ def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[fl
     return float(mean), float(std) if splits > 1 else 0.0
 
 
-def frechet_distance_to_stats(mu: Tensor, sigma: Tensor, features: Tensor) -> float:
-    """Fréchet distance between the Gaussian ``(mu (D,), sigma (D, D))`` and features ``(N, D)`` (float64).
-
-    ``mu``/``sigma`` are precomputed reference statistics (e.g. an ADM reference batch).
-    torchmetrics' ``FrechetInceptionDistance`` keeps the sufficient statistics (Σf, Σffᵀ,
-    n) as its state; the reference side is set from ``mu``/``sigma`` (any n ≥ 2 gives
-    back the same mean and unbiased covariance), the sample side is updated as usual.
-    """
-    fid_cls, _ = _import_torchmetrics()
-    b = _check_features("features", features)
-    mu, sigma = torch.as_tensor(mu).double().cpu(), torch.as_tensor(sigma).double().cpu()
-    d = b.shape[1]
-    if mu.shape != (d,) or sigma.shape != (d, d):
-        raise ValueError(
-            f"reference statistics must be mu ({d},) and sigma ({d}, {d}) for {d}-d features, "
-            f"got mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}"
-        )
-    fid = fid_cls(feature=_GivenFeatures(d))
-    n = 2
-    fid.real_features_sum = mu * n
-    fid.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
-    fid.real_features_num_samples = torch.tensor(n)
-    fid.update(b, real=False)
-    return float(fid.compute())
-
-
 def load_reference_stats(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     """``(mu (D,), sigma (D, D))`` float64 from an ``.npz`` with ``mu`` and ``sigma`` (as ADM reference batches)."""
     path = Path(path)
@@ -851,7 +927,7 @@ def _check_images(name: str, images: Tensor) -> None:
         )
 
 
-class InceptionMetric:
+class InceptionMetric(FeatureDistanceMetric):
     """FID, Inception Score and KID with the FID-standard Inception-v3 (see the module doc).
 
     ::
@@ -870,6 +946,8 @@ class InceptionMetric:
     a minute on a small CPU.
     """
 
+    name = "inception"
+
     def __init__(
         self,
         weights_path: str | os.PathLike | None = None,
@@ -887,24 +965,15 @@ class InceptionMetric:
             raise ValueError(f"feature must be one of {INCEPTION_FEATURES} (2048 is standard FID), got {feature!r}")
         if is_splits < 1:
             raise ValueError(f"is_splits must be >= 1, got {is_splits}")
+        super().__init__(kid_subsets, kid_subset_size, kid_degree, seed, batch_size)
         self.weights_path = weights_path
         self.reference_stats = reference_stats
         self.feature = feature
         self.is_splits = is_splits
-        self.kid_subsets = kid_subsets
-        self.kid_subset_size = kid_subset_size
-        self.kid_degree = kid_degree
-        self.seed = seed
-        self.batch_size = batch_size
         self.download = download
         self.network: nn.Module | None = None
-        self.device = torch.device("cpu")
         self.weights_file: Path | None = None
         self.weights_sha256: str | None = None
-        self.reference_features: Tensor | None = None  # (N, feature), with a reference dataset
-        self.reference_mu: Tensor | None = None  # with reference statistics
-        self.reference_sigma: Tensor | None = None
-        self.reference_description: dict[str, Any] = {}
         self.num_samples: int | None = None
         self.sample_shape: list[int] | None = None
         self.is_splits_used: int | None = None
@@ -916,7 +985,7 @@ class InceptionMetric:
         self.device = torch.device(device)
         self.weights_file = find_inception_weights(self.weights_path, self.download)
         self.network = load_inception_extractor(self.weights_file, (str(self.feature), "logits_unbiased"), self.device)
-        self.weights_sha256 = _file_sha256(self.weights_file)
+        self.weights_sha256 = file_sha256(self.weights_file)
         if not self.weights_sha256.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX):
             warnings.warn(
                 f"{self.weights_file} (sha256 {self.weights_sha256[:12]}...) is not the official "
@@ -933,10 +1002,10 @@ class InceptionMetric:
                     f"{path} holds {len(self.reference_mu)}-d statistics but feature={self.feature}; "
                     f"use feature={len(self.reference_mu)} if that is the layer they were computed on"
                 )
-            self.reference_features = None
+            self.reference_features = self.reference_size = None
             self.reference_description = {
                 "stats_file": str(path),
-                "stats_sha256": _file_sha256(path),
+                "stats_sha256": file_sha256(path),
                 "dim": len(self.reference_mu),
             }
             return
@@ -946,30 +1015,21 @@ class InceptionMetric:
             _check_images("reference images", images)
             shape = list(images.shape[1:])
             features.append(self._embed(images)[0])
-        if sum(len(f) for f in features) < 2:
-            raise ValueError("the inception metric's reference set needs at least 2 images")
-        self.reference_features = torch.cat(features)
-        self.reference_mu = self.reference_sigma = None
-        self.reference_description = {
-            "dataset": type(reference).__name__,
-            "split": getattr(reference, "split", None),
-            "size": len(self.reference_features),
-            "shape": shape,
-        }
+        self._set_reference(reference, features, shape)
 
-    @torch.no_grad()
-    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, C, H, W) in [-1, 1] -> pool features (N, feature) and logits (N, 1008), float32 on the CPU."""
+    def _network(self) -> nn.Module | None:
+        return self.network
+
+    def _embed_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) in [-1, 1] -> pool features (B, feature) and logits (B, 1008)."""
         from modalities.image.io import images_to_uint8
 
-        assert self.network is not None
-        features, logits = [], []
-        for i in range(0, len(images), self.batch_size):
-            x = images_to_uint8(images[i : i + self.batch_size].to(self.device))  # (B, C, H, W) uint8
-            f, logit = self.network(x.expand(-1, 3, -1, -1))  # grey -> RGB; resized to 299x299 inside
-            features.append(f.float().cpu())
-            logits.append(logit.float().cpu())
-        return torch.cat(features), torch.cat(logits)
+        x = images_to_uint8(images)  # (B, C, H, W) uint8
+        return self.network(x.expand(-1, 3, -1, -1))  # grey -> RGB; resized to 299x299 inside
+
+    def _check_samples(self, samples: Tensor, labels: Tensor | None) -> None:
+        _check_images("samples", samples)
+        super()._check_samples(samples, labels)
 
     def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """Metrics of ``samples`` (N, 3 or 1, H, W) in [-1, 1]; ``labels`` are accepted and unused.
@@ -977,12 +1037,7 @@ class InceptionMetric:
         Returns ``fid``, ``inception_score``, ``inception_score_std`` and, with a reference
         dataset, ``kid`` and ``kid_std``.
         """
-        if self.network is None or (self.reference_features is None and self.reference_mu is None):
-            raise RuntimeError("InceptionMetric.compute called before prepare(reference, device)")
-        _check_images("samples", samples)
-        if len(samples) < 2:
-            raise ValueError(f"FID needs at least 2 samples, got {len(samples)}")
-        features, logits = self._embed(samples)
+        features, logits = self._embed_samples(samples, labels)
         splits = min(self.is_splits, len(samples))
         if splits < self.is_splits:
             logger.warning(
@@ -990,27 +1045,8 @@ class InceptionMetric:
             )
         score, score_std = inception_score(logits, splits=splits, seed=self.seed)
         self.num_samples, self.sample_shape, self.is_splits_used = len(samples), list(samples.shape[1:]), splits
-        if self.reference_features is None:
-            return {
-                "fid": frechet_distance_to_stats(self.reference_mu, self.reference_sigma, features),
-                "inception_score": score,
-                "inception_score_std": score_std,
-            }
-        kid, kid_std = kernel_distance(
-            self.reference_features,
-            features,
-            subsets=self.kid_subsets,
-            subset_size=self.kid_subset_size,
-            degree=self.kid_degree,
-            seed=self.seed,
-        )
-        return {
-            "fid": frechet_distance(self.reference_features, features),
-            "inception_score": score,
-            "inception_score_std": score_std,
-            "kid": kid,
-            "kid_std": kid_std,
-        }
+        distances = self._fid_kid(features)  # fid, and kid/kid_std with reference features
+        return {"fid": distances.pop("fid"), "inception_score": score, "inception_score_std": score_std, **distances}
 
     def write_reference_stats(self, path: str | os.PathLike) -> Path:
         """Write the prepared reference set's ``mu`` (D,) and ``sigma`` (D, D) (float64) as an ``.npz``, atomically.
@@ -1026,41 +1062,34 @@ class InceptionMetric:
             np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
         return path
 
+    def _describe_network(self) -> dict[str, Any]:
+        return {
+            "name": "torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3",
+            "torch_fidelity_version": _package_version("torch-fidelity"),
+            "weights_file": None if self.weights_file is None else self.weights_file.name,
+            "weights_sha256": self.weights_sha256,
+            "weights_official": None
+            if self.weights_sha256 is None
+            else self.weights_sha256.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
+            "fid_kid_features": f"{self.feature}-d pool",
+            "is_logits": f"logits_unbiased ({INCEPTION_CLASSES}-way, no bias)",
+            "dtype": "float32",
+        }
+
+    def _kid_protocol(self) -> dict[str, Any] | None:
+        return None if self.reference_features is None else super()._kid_protocol()  # no KID from statistics
+
     def protocol(self) -> dict[str, Any]:
         """JSON-able description of how ``compute``'s numbers are made (call after ``prepare``/``compute``)."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        def package_version(name: str) -> str | None:
-            try:
-                return version(name)
-            except PackageNotFoundError:
-                return None
-
-        with_kid = self.reference_features is not None
         return {
-            "metric": "inception",
+            **super().protocol(),
             "num_samples": self.num_samples,
             "sample_shape": self.sample_shape,
-            "feature_extractor": {
-                "name": "torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3",
-                "torch_fidelity_version": package_version("torch-fidelity"),
-                "weights_file": None if self.weights_file is None else self.weights_file.name,
-                "weights_sha256": self.weights_sha256,
-                "weights_official": None
-                if self.weights_sha256 is None
-                else self.weights_sha256.startswith(INCEPTION_WEIGHTS_SHA256_PREFIX),
-                "fid_kid_features": f"{self.feature}-d pool",
-                "is_logits": f"logits_unbiased ({INCEPTION_CLASSES}-way, no bias)",
-                "dtype": "float32",
-            },
             "preprocessing": {
                 "to_uint8": "round((clamp(x, -1, 1) + 1) * 127.5); grey repeated to RGB",
                 "resize": f"to {INCEPTION_INPUT_SIZE}x{INCEPTION_INPUT_SIZE}, bilinear, TensorFlow-1.x-exact "
                 "(torch_fidelity interpolate_bilinear_2d_like_tensorflow1x), no antialias",
             },
-            "reference": self.reference_description,
-            "reference_size": self.reference_description.get("size"),
-            "fid": {"implementation": "torchmetrics.FrechetInceptionDistance", "dtype": "float64"},
             "inception_score": {
                 "implementation": "torchmetrics.InceptionScore",
                 "splits": self.is_splits,
@@ -1068,16 +1097,4 @@ class InceptionMetric:
                 "shuffle_seed": self.seed,
                 "std": "unbiased, over splits",
             },
-            "kid": None
-            if not with_kid
-            else {
-                "implementation": "torchmetrics.KernelInceptionDistance",
-                "kernel": "polynomial (a.b / dim + 1) ** degree",
-                "degree": self.kid_degree,
-                "subsets": self.kid_subsets,
-                "subset_size": self.kid_subset_size,
-                "subset_size_capped_at": "min(reference size, sample count)",
-                "seed": self.seed,
-            },
-            "torchmetrics_version": package_version("torchmetrics"),
         }
