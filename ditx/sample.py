@@ -131,7 +131,8 @@ def load_for_sampling(
     if recipe is None:
         r.name = run.name
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    parts = build_components(r, latent_shape=tuple(state["latent_shape"]), num_classes=state["num_classes"])
+    shape = state.get("latent_shape")  # absent in checkpoints of older runs: then the data tells
+    parts = build_components(r, latent_shape=tuple(shape) if shape else None, num_classes=state.get("num_classes"))
     use_ema = r.sample.use_ema if use_ema is None else use_ema
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
     parts.model.load_state_dict(load_file(str(weights)))

@@ -218,16 +218,23 @@ def test_sample_passes_path_num_out_recipe_and_overrides(tmp_path, job, capsys):
                 "out": tmp_path / "out",
                 "recipe": "image/digits",
                 "overrides": ["sample.guidance_scale=4.0", "sample.num_steps=10"],
+                "fmt": None,
             },
         )
     ]
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
 
 
+def test_sample_format_npz(tmp_path, job):
+    calls = job("ditx.sample", "sample_from", returns=tmp_path)
+    assert main(["sample", str(tmp_path), "--format", "npz"]) == 0
+    assert calls[0][1]["fmt"] == "npz"
+
+
 def test_sample_defaults(tmp_path, job):
     calls = job("ditx.sample", "sample_from", returns=tmp_path)
     assert main(["sample", str(tmp_path)]) == 0
-    assert calls == [((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": []})]
+    assert calls == [((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": [], "fmt": None})]
 
 
 @pytest.mark.parametrize("argv", [["--num", "0"], ["not-an-override"]])
