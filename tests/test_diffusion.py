@@ -351,3 +351,24 @@ def test_registry():
     objective = objectives.build("rectified-flow", shift=3.0)
     assert isinstance(objective, RectifiedFlowObjective) and objective.shift == 3.0
     assert isinstance(objectives.build("ddpm", learn_sigma=False), DDPMObjective)
+
+
+def test_ddim_with_clipping_rederives_eps_from_the_clipped_x0():
+    """ADM/GLIDE's DDIM: after clipping x0 to [-1, 1] the noise is re-derived from it, so each
+    step lands on a point consistent with the clipped x0. Reference loop in float64 numpy."""
+    objective = objectives.build("ddpm", learn_sigma=False, clip_sample=True)
+
+    def model(x, t, y=None):  # predicts eps = x/2: x0 = x·(1 − b/2)/a leaves [-1, 1] at high noise
+        return 0.5 * x
+
+    noise = torch.randn(64, 1, 1, 1, generator=gen(3))
+    x = sample(model, objective, tuple(noise.shape), scheduler="ddim", num_steps=10, noise=noise)
+    timesteps = objective.make_scheduler("ddim", 10, device="cpu").timesteps.tolist()
+    assert timesteps[0] == 999 and len(timesteps) == 10
+    ref = noise.double().numpy()
+    for t in timesteps:
+        a, prev = ALPHA_BAR[t], ALPHA_BAR[t - 100] if t - 100 >= 0 else 1.0
+        x0 = np.clip((ref - np.sqrt(1 - a) * 0.5 * ref) / np.sqrt(a), -1, 1)
+        eps = (ref - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        ref = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * eps
+    np.testing.assert_allclose(x.numpy(), ref, atol=1e-4)

@@ -101,6 +101,9 @@ def sample(
         raise ValueError(f"noise shape {tuple(noise.shape)} must equal shape {tuple(shape)}")
     x = noise.to(device=device, dtype=dtype) * getattr(sched, "init_noise_sigma", 1.0)
 
+    # DDIM clips the predicted x0 but, by default, keeps stepping along the unclipped noise
+    # prediction; re-deriving it from the clipped x0 (ADM/GLIDE) keeps the update consistent.
+    step_kwargs = {"use_clipped_model_output": True} if _accepts(sched.step, "use_clipped_model_output") else {}
     timesteps = sched.timesteps
     if progress:
         from tqdm.auto import tqdm
@@ -115,8 +118,14 @@ def sample(
             cond, uncond = out.chunk(2)
             out = apply_guidance(cond, uncond, guidance_scale, guided_channels)
         out = objective.model_output_to_scheduler(out, sched).to(dtype)
-        x = sched.step(out, t, x, generator=generator).prev_sample
+        x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
 
 
 def _parameters(model):
