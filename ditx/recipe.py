@@ -107,6 +107,8 @@ class SampleConfig:
     batch_size: int = 16
     use_ema: bool = True
     seed: int = 0
+    # spatial sizes of the data to sample, e.g. [24, 32, 32] (frames, height, width); None: as trained
+    data_size: list[int] | None = None
 
 
 @dataclass

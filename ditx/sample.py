@@ -124,6 +124,7 @@ def load_for_sampling(
         )  # without a stored latent shape, the recipe's data tells it
         _check_same_architecture(parts.model, model, path)
         parts.model = model
+        _resize(parts, (config.get("metadata") or {}).get("data_shape"))
         return r, parts, model
     else:
         raise FileNotFoundError(f"{path} is not a ditx run, checkpoint or model directory")
@@ -136,7 +137,31 @@ def load_for_sampling(
     use_ema = r.sample.use_ema if use_ema is None else use_ema
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
     parts.model.load_state_dict(load_file(str(weights)))
+    _resize(parts, state.get("data_shape"))
     return r, parts, parts.model
+
+
+def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:
+    """Apply ``sample.data_size``: sample another resolution or clip length than trained on.
+
+    Tokenizers compute position codes for any grid, so e.g. a video model trained on 16
+    frames samples 8 or 24 (``sample.data_size=[24,32,32]``).
+    """
+    size = parts.recipe.sample.data_size
+    if not size:
+        return
+    channels = trained_data_shape[0] if trained_data_shape else parts.latent_shape[0]
+    trained = trained_data_shape[1:] if trained_data_shape else parts.latent_shape[1:]
+    if len(size) != len(trained):
+        raise ValueError(
+            f"sample.data_size={list(size)} must give {len(trained)} sizes like the training data's {list(trained)}"
+        )
+    data_shape = (channels, *size)
+    parts.latent_shape = tuple(parts.autoencoder.latent_shape(data_shape))
+    grid_for = getattr(parts.model.x_embedder, "grid_for", None)
+    if grid_for is not None:
+        grid_for(parts.latent_shape[1:])  # a clear error now if the patch does not divide
+    parts.data_shape = data_shape
 
 
 def _check_same_architecture(expected: torch.nn.Module, got: torch.nn.Module, path: Path) -> None:

@@ -39,6 +39,19 @@ def test_sample_writes_a_grid_and_labelled_pngs(tiny_run, tmp_path):
         sample_from(ckpt_dir, num=1, out=tmp_path / "s3", fmt="mp4")
 
 
+def test_sample_data_size_samples_another_resolution(tiny_run, tmp_path):
+    from ditx.sample import load_for_sampling
+
+    recipe, parts, model = load_for_sampling(tiny_run, overrides=["sample.data_size=[12,16]", "sample.num_steps=2"])
+    assert parts.latent_shape == (1, 12, 16) and parts.data_shape == (1, 12, 16)
+    samples, _ = generate(parts, model, 2, "cpu")
+    assert samples.shape == (2, 1, 12, 16) and torch.isfinite(samples).all()
+    with pytest.raises(ValueError, match=r"width size 15 is not divisible by the patch size 2"):
+        load_for_sampling(tiny_run, overrides=["sample.data_size=[12,15]"])
+    with pytest.raises(ValueError, match=r"must give 2 sizes like the training data's \[8, 8\]"):
+        load_for_sampling(tiny_run, overrides=["sample.data_size=[4,12,16]"])
+
+
 def test_generation_does_not_depend_on_the_batch_size(tiny_run):
     from ditx.sample import load_for_sampling
 
