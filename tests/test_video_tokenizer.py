@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from test_dit import randomize
+from test_tokenizer import identity_projection
 
 import modalities.video  # noqa: F401  (registers the video components)
 from ditx.dit import build_dit
 from ditx.registry import tokenizers
 from ditx.tokenizer import sincos_nd
-from test_dit import randomize
-from test_tokenizer import identity_projection
 
 
 @pytest.mark.parametrize("patch,size", [((1, 2, 2), (16, 8, 8)), ((2, 2, 2), (8, 8, 12)), ((1, 4, 2), (3, 8, 6))])
@@ -85,6 +85,8 @@ def test_model_built_for_16_frames_samples_8_and_24(layout):
 
 
 def test_spatial_temporal_layout_is_latte_variant_one():
-    model = build_dit(tokenizer="tubelet", in_channels=4, depth=4, hidden_size=48, num_heads=4, layout="spatial-temporal")
+    model = build_dit(
+        tokenizer="tubelet", in_channels=4, depth=4, hidden_size=48, num_heads=4, layout="spatial-temporal"
+    )
     assert model.layout == [("height", "width"), ("time",)] * 2
     assert [b.attend for b in model.blocks] == [(1, 2), (0,)] * 2  # indices into ("time", "height", "width")
