@@ -96,6 +96,31 @@ def _reconstruction_mse(autoencoder, x: Tensor) -> tuple[float, Tensor, Tensor]:
     return float((recon - x.float()).pow(2).mean()), recon, z.float()
 
 
+@torch.no_grad()
+def _held_out_metrics(autoencoder, batch: dict[str, Tensor]) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Reconstruction metrics on the held-out batch, its reconstructions and its latents.
+
+    Autoencoders whose data space is not what ``decode`` returns (a point cloud in,
+    an occupancy volume out) report their own metrics through ``reconstruction_metrics``.
+    """
+    own = getattr(autoencoder, "reconstruction_metrics", None)
+    if callable(own):
+        metrics = own(batch)
+        z = autoencoder.encode(batch["x"])
+        return metrics, autoencoder.decode(z).float(), z.float()
+    mse, recon, z = _reconstruction_mse(autoencoder, batch["x"])
+    return {"mse": mse, "psnr": _psnr(mse)}, recon, z
+
+
+def _loss_inputs(autoencoder, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch entries besides ``x`` that the autoencoder's ``training_loss`` takes by name
+    (e.g. query points and occupancy labels for an occupancy autoencoder)."""
+    import inspect
+
+    params = inspect.signature(autoencoder.training_loss).parameters
+    return {k: v for k, v in batch.items() if k in params and k not in ("x", "kl_weight", "generator")}
+
+
 def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Train the recipe's autoencoder from scratch on the recipe's dataset; returns ``out``.
 
@@ -119,7 +144,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     ``autoencoder.config`` back to null), in the YAML or as overrides:
     ``ditx train RECIPE autoencoder.pretrained=<out> autoencoder.config=null``.
     """
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader, Subset, default_collate
     from tqdm.auto import tqdm
 
     from ditx.checkpoint import atomic_write
@@ -158,11 +183,13 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     held_out, train_idx = sorted(order[:held_count]), order[held_count:]
-    x_held = torch.stack([dataset[i]["x"] for i in held_out]).to(device)
+    held_batch = {k: v.to(device) for k, v in default_collate([dataset[i] for i in held_out]).items()
+                  if isinstance(v, Tensor)}  # fmt: skip
+    x_held = held_batch["x"]
 
     ae.to(device)
     ae.eval()
-    initial_mse, _, _ = _reconstruction_mse(ae, x_held)
+    initial, _, _ = _held_out_metrics(ae, held_batch)
     ae.trainable()
     params = [p for p in ae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -183,8 +210,9 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         )  # fmt: skip
         for batch in loader:
             x = batch["x"].to(device)
+            extra = {k: v.to(device) for k, v in _loss_inputs(ae, batch).items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                terms = ae.training_loss(x, kl_weight=cfg.kl_weight, generator=noise)
+                terms = ae.training_loss(x, kl_weight=cfg.kl_weight, generator=noise, **extra)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -209,19 +237,24 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         epoch += 1
     progress.close()
 
-    # measure the trained autoencoder on the held-out batch; rescale latents to unit std there
+    # measure the trained autoencoder on the held-out batch; normalise latents to unit std
     ae.eval()
     if callable(getattr(ae, "freeze", None)):
         ae.freeze()
-    mse, recon, z = _reconstruction_mse(ae, x_held)
-    latent_std = float(z.std())
-    if latent_std > 0 and math.isfinite(latent_std):
-        ae.scaling_factor = float(ae.scaling_factor) / latent_std
+    fit_statistics = getattr(ae, "fit_latent_statistics", None)
+    if callable(fit_statistics):  # per-channel statistics over (up to 512 of) the training items
+        subset = DataLoader(Subset(dataset, sorted(train_idx[:512])), batch_size=cfg.batch_size)
+        with torch.no_grad():
+            fit_statistics(torch.cat([ae.encode_unnormalized(b["x"].to(device)) for b in subset]))
+    held, recon, z = _held_out_metrics(ae, held_batch)
+    if not callable(fit_statistics):  # one scale: the Latent Diffusion recipe for a new VAE
+        latent_std = float(z.std())
+        if latent_std > 0 and math.isfinite(latent_std):
+            ae.scaling_factor = float(ae.scaling_factor) / latent_std
+        held, recon, z = _held_out_metrics(ae, held_batch)
     metrics = {
-        "mse": mse,
-        "psnr": _psnr(mse),
-        "initial_mse": initial_mse,
-        "initial_psnr": _psnr(initial_mse),
+        **held,
+        **{f"initial_{k}": v for k, v in initial.items()},
         "scaling_factor": float(ae.scaling_factor),
         "held_out": held_out,
         "steps": cfg.steps,
@@ -232,10 +265,12 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         "recipe": recipe.name or recipe.source,
     }  # fmt: skip
     k = min(8, len(held_out))
+    # held-out items, then their reconstructions; only the reconstructions when they differ in kind
+    preview = torch.cat([x_held[:k], recon[:k].to(x_held.dtype)]) if recon.shape == x_held.shape else recon[:k]
     with atomic_write(out, directory=True, overwrite=overwrite) as tmp:
         ae.save_pretrained(tmp)
-        write_preview(torch.cat([x_held[:k], recon[:k].to(x_held.dtype)]).cpu(), tmp / "preview", None)
+        write_preview(preview.cpu(), tmp / "preview", None)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    logger.info("autoencoder written to %s: held-out MSE %.4g (PSNR %.2f dB)", out, mse, metrics["psnr"])
+    logger.info("autoencoder written to %s: held-out %s", out, ", ".join(f"{k} {v:.4g}" for k, v in held.items()))
     return out

@@ -126,6 +126,9 @@ class AutoencoderTrainConfig:
     ``out`` defaults to ``<train.output_dir>/<recipe>-autoencoder``; afterwards point
     ``autoencoder.pretrained`` at it. ``kl_weight`` weighs the posterior's KL term
     against the reconstruction loss (1e-6 as for Stable Diffusion's VAE).
+    ``first_stage: true`` makes ``ditx train`` run both stages: when the recipe's
+    autoencoder has no ``pretrained`` weights, it is trained first into ``<run>/autoencoder``
+    (kept across ``--resume``), then the DiT trains on its latents.
     """
 
     steps: int = 1000
@@ -136,6 +139,7 @@ class AutoencoderTrainConfig:
     seed: int = 0
     out: str | None = None
     log_every: int = 50
+    first_stage: bool = False
 
 
 @dataclass

@@ -194,6 +194,28 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
+    """Two-stage recipes (``autoencoder_train.first_stage``): train the autoencoder into
+    ``<run>/autoencoder`` unless it is there (a resumed run) or the recipe names weights,
+    and point the recipe (and the run's config.yaml) at it."""
+    from ditx import checkpoint as ckpt
+    from ditx.autoencoder import train_autoencoder
+
+    if not recipe.autoencoder_train.first_stage or recipe.autoencoder.args.get("pretrained"):
+        return
+    out = run_dir / "autoencoder"
+    if accelerator.is_main_process and not out.exists():
+        logger.info("stage 1: training the autoencoder into %s", out)
+        train_autoencoder(recipe, out=out)
+    accelerator.wait_for_everyone()
+    recipe.autoencoder.args["pretrained"] = str(out)
+    recipe.autoencoder.args.pop("config", None)
+    if accelerator.is_main_process:
+        with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
+            tmp.write_text(recipe.to_yaml())
+    logger.info("stage 2: training the DiT on the latents of %s", out)
+
+
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False) -> Path:
     """Train ``recipe``; returns the run directory.
 
@@ -244,6 +266,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             tmp.write_text(recipe.to_yaml())
         _setup_file_logging(run_dir / "train.log")
     accelerator.wait_for_everyone()
+    _first_stage(recipe, run_dir, accelerator)
 
     # components
     torch.manual_seed(cfg.seed)  # model initialisation is the same on every process
