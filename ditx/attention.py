@@ -56,7 +56,33 @@ def xformers_unavailable_reason(q: Tensor) -> str | None:
         return f"xformers kernels need CUDA tensors, got device {q.device.type!r}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"xformers is used for float16/bfloat16 only, got {q.dtype} (use sdpa for float32)"
-    return None
+    return xformers_kernel_problem(q.device)
+
+
+_KERNEL_PROBES: dict[str, str | None] = {}
+
+
+def xformers_kernel_problem(device: torch.device, ops=None) -> str | None:
+    """Why xformers' kernels fail on ``device`` (None if they run), probed once per device.
+
+    A wheel built for another torch or CUDA imports fine but raises NotImplementedError
+    on every call (seen with xformers 0.0.35, built for torch 2.10, beside torch 2.11);
+    ``auto`` then falls back to sdpa instead of failing in the first forward.
+    """
+    ops = _xformers_ops() if ops is None else ops
+    key = f"{device}:{id(ops)}"
+    if key not in _KERNEL_PROBES:
+        try:
+            t = torch.zeros(1, 8, 1, 32, device=device, dtype=torch.float16)
+            ops.memory_efficient_attention(t, t, t)
+            _KERNEL_PROBES[key] = None
+        except Exception as e:  # NotImplementedError, or a CUDA error from a mismatched build
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _KERNEL_PROBES[key] = (
+                f"xformers is installed but its kernels do not run here ({type(e).__name__}: {first}); "
+                f"install an xformers build for torch {torch.__version__}"
+            )
+    return _KERNEL_PROBES[key]
 
 
 def resolve_backend(backend: str, q: Tensor, k: Tensor | None = None) -> str:

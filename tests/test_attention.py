@@ -91,10 +91,29 @@ def test_auto_and_errors_on_cpu():
         attention(q, q, q, backend="flash")
 
 
+def test_broken_xformers_build_is_probed_once_and_reported():
+    """A wheel built for another torch imports but its kernels raise: auto must not pick it."""
+    import ditx.attention as attn
+
+    calls = []
+
+    class BrokenOps:
+        def memory_efficient_attention(self, q, k, v):
+            calls.append(q.shape)
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    ops = BrokenOps()
+    reason = attn.xformers_kernel_problem(torch.device("cpu"), ops)
+    assert "installed but its kernels do not run here (NotImplementedError: No operator found" in reason
+    assert f"for torch {torch.__version__}" in reason
+    assert attn.xformers_kernel_problem(torch.device("cpu"), ops) == reason and len(calls) == 1  # cached
+
+
 def test_xformers_reasons_name_what_is_missing(monkeypatch):
     import ditx.attention as attn
 
     monkeypatch.setattr(attn, "_xformers_ops", lambda: object())  # pretend it is installed
+    monkeypatch.setattr(attn, "xformers_kernel_problem", lambda device, ops=None: None)  # ... and works
     q = torch.zeros(1, 1, 4, 8)
     assert "need CUDA tensors, got device 'cpu'" in attn.xformers_unavailable_reason(q)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
@@ -102,8 +121,17 @@ def test_xformers_reasons_name_what_is_missing(monkeypatch):
     assert attn.xformers_unavailable_reason(q.half()) is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need a CUDA device")
-@pytest.mark.skipif(_xformers_ops() is None, reason="xformers is not installed (pip install 'ditx[xformers]')")
+def _xformers_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "xformers kernels need a CUDA device"
+    if _xformers_ops() is None:
+        return "xformers is not installed (pip install 'ditx[xformers]')"
+    from ditx.attention import xformers_kernel_problem
+
+    return xformers_kernel_problem(torch.device("cuda"))
+
+
+@pytest.mark.skipif(_xformers_skip_reason() is not None, reason=str(_xformers_skip_reason()))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_xformers_equals_math_on_cuda(shape, masked):
