@@ -528,24 +528,33 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_SLOT = "::"  # parameter name :: optimizer slot (parameter names contain dots)
+
+
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Optimizer state dict -> (tensors for safetensors, the rest as JSON)."""
+    """Optimizer state dict (keyed by parameter name) -> (tensors for safetensors, the rest as JSON)."""
     tensors, scalars = {}, {}
     for pid, slots in state["state"].items():
         for name, value in slots.items():
             if isinstance(value, Tensor):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{pid}{_SLOT}{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{pid}.{name}"] = value
+                scalars[f"{pid}{_SLOT}{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _join_optimizer_state(tensors: dict[str, Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(rest["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
+        pid, name = key.rsplit(_SLOT, 1)
+        state.setdefault(pid, {})[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _full_state_options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -599,13 +608,18 @@ def save_training_state(
     """
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     root = Path(root)
     target = root / _STEP_DIR.format(step)
-    state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
+    # full (unsharded) model and optimizer states keyed by parameter name, whatever wraps the
+    # model (DDP, FSDP1, FSDP2): collectives under FSDP, so every process calls them
+    full = _full_state_options(cpu_offload=True)
+    state = get_model_state_dict(model, options=full)
+    optim_state = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=full)
     rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
     if accelerator.is_main_process:
-        opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
+        opt_tensors, opt_rest = _split_optimizer_state(optim_state)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         trainer = {"step": step, "format": "ditx-train-state", **(extra or {})}
         with atomic_write(target, directory=True) as tmp:
@@ -678,18 +692,27 @@ def load_training_state(
     scaler: Any,
     rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore what ``save_training_state`` wrote into live objects; returns ``trainer_state``."""
+    """Restore what ``save_training_state`` wrote into live objects; returns ``trainer_state``.
+
+    ``model`` and ``optimizer`` may be plain or prepared by accelerate (DDP, FSDP1, FSDP2):
+    every process reads the full states and loads its part.
+    """
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
-    _load_weights(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
+    weights = load_file(str(path / "model.safetensors"))
+    try:
+        set_model_state_dict(model, weights, options=_full_state_options(strict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"weights from {path / 'model.safetensors'} do not fit the model: {e}") from None
     ema.load_state_dict(load_file(str(path / "ema.safetensors")))
     opt = _join_optimizer_state(load_file(str(path / "optimizer.safetensors")),
                                 json.loads((path / "optimizer.json").read_text()))  # fmt: skip
-    optimizer.load_state_dict(opt)
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), opt, options=_full_state_options())
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     scaler_state = json.loads((path / "scaler.json").read_text())
     if scaler is not None and scaler_state is not None:

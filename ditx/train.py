@@ -292,7 +292,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         if found is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint to resume from")
         state = ckpt.load_training_state(
-            found, accelerator.unwrap_model(model), ema, optimizer, scheduler, accelerator.scaler, rank
+            found, model, ema, optimizer, scheduler, accelerator.scaler, rank
         )
         step, bad_samples = state["step"], state.get("bad_samples", 0)
         if accelerator.is_main_process:
