@@ -34,7 +34,7 @@ def test_video_train_sample_eval(tmp_path, monkeypatch):
     import decord
 
     monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
-    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 16,
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 24,
             "num_clips_train": 24, "num_clips_test": 10}  # fmt: skip
     recipe = tiny(
         tmp_path, "video", data, {"name": "tubelet", "patch_size": [2, 4, 4]},
@@ -54,7 +54,7 @@ def test_video_train_sample_eval(tmp_path, monkeypatch):
     assert {"grid.mp4", "grid.gif", "sample_00002_class2.mp4", "sample_00002_class2.gif"} <= set(names)
     assert len(decord.VideoReader(str(out / "sample_00000_class0.mp4"))) == 4
     # a model trained on 4 frames samples 8 (position codes per grid)
-    out8 = sample_from(run, num=1, out=tmp_path / "s8", overrides=["sample.data_size=[8,16,16]"])
+    out8 = sample_from(run, num=1, out=tmp_path / "s8", overrides=["sample.data_size=[8,24,24]"])
     assert len(decord.VideoReader(str(out8 / "sample_00000_class0.mp4"))) == 8
     results = evaluate_run(run)
     assert {"frame_accuracy", "clip_consistency", "motion_px", "fvd_digits"} <= set(results)
@@ -110,8 +110,8 @@ def test_video_latent_cache_means_training_never_decodes(tmp_path, monkeypatch):
     from modalities.video import data as video_data
 
     monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
-    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 16,
-            "num_clips_train": 12, "num_clips_test": 4, "flip": True}  # fmt: skip
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 24,
+            "num_clips_train": 12, "num_clips_test": 10, "flip": True}  # fmt: skip
     recipe = tiny(
         tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 2, 2]},
         autoencoder={"name": "framewise-vae", "config": "tiny", "chunk_size": 3},
