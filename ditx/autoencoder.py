@@ -230,7 +230,8 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items()}}
                 log.append(record)
-                progress.set_postfix(loss=f"{record['loss']:.4g}", mse=f"{record.get('mse', float('nan')):.4g}")
+                shown = {k: f"{record[k]:.4g}" for k in ("loss", "mse", "iou") if k in record}
+                progress.set_postfix(**shown)
                 window = {}
             if step >= cfg.steps:
                 break

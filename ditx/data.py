@@ -4,6 +4,8 @@ tolerance, and augmentation choices that depend only on (seed, epoch, index)."""
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,3 +72,73 @@ def collate_skipping_errors(items: list[dict]) -> dict[str, Any]:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one optimizer step's noise, timesteps and label dropout (global batch)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 17) % (2**63))
+
+
+# --------------------------------------------------------------------------------------
+# Folders of data files (images, clips, meshes): one way to find them and their classes
+# --------------------------------------------------------------------------------------
+
+
+def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    """A visible file name ending in one of ``extensions`` (lower case, without dots)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower().lstrip(".") in extensions
+
+
+def files_under(folder: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Paths relative to ``folder`` of the files under it with ``extensions`` (recursively,
+    following links once, hidden files and folders skipped), sorted."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(folder)
+        found += [(rel / f).as_posix() for f in filenames if has_extension(f, extensions)]
+    return sorted(found)
+
+
+def scan_class_folders(
+    root: Path, extensions: tuple[str, ...], class_folders: bool | None, dataset: str, noun: str, logger=None
+) -> tuple[list[str], list[int], list[str]]:
+    """(paths relative to ``root``, labels (-1 when flat), class names) of a data folder.
+
+    Class folders (``root/<class>/**/file``, labels by sorted folder name) when
+    ``class_folders`` is true, or when it is None, ``root`` holds no data files itself and
+    at least two sub-folders do; a flat, unlabelled folder otherwise. ``dataset`` and
+    ``noun`` (e.g. "image-folder", "images") name things in the errors.
+    """
+    with os.scandir(root) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    top = [e.name for e in entries if e.is_file() and has_extension(e.name, extensions)]
+    subdirs = [Path(e.path) for e in entries if e.is_dir()]
+    if class_folders is None and top:
+        class_folders = False
+    per_class = {d.name: files_under(d, extensions) for d in subdirs} if class_folders is not False else {}
+    per_class = {name: files for name, files in per_class.items() if files}
+    if class_folders is None:
+        class_folders = len(per_class) >= 2
+    if class_folders:
+        if top:
+            raise ValueError(
+                f"{dataset} {str(root)!r}: class_folders is true but the root itself holds {noun} "
+                f"(e.g. {top[0]!r}); move them into a class folder or set class_folders: false"
+            )
+        empty = [d.name for d in subdirs if d.name not in per_class]
+        if empty and logger is not None:
+            logger.warning("%s %s: sub-folders without %s are not classes: %s", dataset, root, noun, empty)
+        classes = sorted(per_class)
+        files = [f"{c}/{f}" for c in classes for f in per_class[c]]
+        labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
+    else:
+        classes, files = [], files_under(root, extensions)
+        labels = [-1] * len(files)
+    if not files:
+        raise FileNotFoundError(
+            f"{dataset} {str(root)!r} holds no {noun} with extensions {', '.join(extensions)} "
+            f"(searched recursively{'' if class_folders is not True else ' in its class folders'}); "
+            f"point data.root at a folder of {noun} or set data.extensions"
+        )
+    return files, labels, classes

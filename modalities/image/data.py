@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ditx.data import deterministic_choice
+from ditx.data import deterministic_choice, has_extension, scan_class_folders
 
 logger = logging.getLogger("ditx.image")
 
@@ -178,60 +178,12 @@ class ImageFolderDataset(Dataset):
 
     # ---- finding the files ------------------------------------------------------------
 
-    def _images_under(self, folder: Path) -> list[str]:
-        """Paths relative to ``folder`` of the image files under it (recursively, following
-        links once), sorted."""
-        found, seen = [], set()
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(folder)
-            found += [(rel / f).as_posix() for f in filenames if self._is_image(f)]
-        return sorted(found)
-
     def _is_image(self, name: str) -> bool:
-        return not name.startswith(".") and os.path.splitext(name)[1].lower().lstrip(".") in self.extensions
+        return has_extension(name, self.extensions)
 
     def _scan(self, class_folders: bool | None) -> tuple[list[str], list[int], list[str]]:
         """(paths relative to root, labels (-1 when flat), class names)."""
-        allowed = ", ".join(self.extensions)
-        with os.scandir(self.root) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        top_images = [e.name for e in entries if e.is_file() and self._is_image(e.name)]
-        subdirs = [Path(e.path) for e in entries if e.is_dir()]
-        if class_folders is None and top_images:
-            class_folders = False
-        per_class = {d.name: self._images_under(d) for d in subdirs} if class_folders is not False else {}
-        per_class = {name: files for name, files in per_class.items() if files}
-        if class_folders is None:
-            class_folders = len(per_class) >= 2
-        if class_folders:
-            if top_images:
-                raise ValueError(
-                    f"image-folder {str(self.root)!r}: class_folders is true but the root itself holds images "
-                    f"(e.g. {top_images[0]!r}); move them into a class folder or set class_folders: false"
-                )
-            empty = [d.name for d in subdirs if d.name not in per_class]
-            if empty:
-                logger.warning("image-folder %s: sub-folders without images are not classes: %s", self.root, empty)
-            classes = sorted(per_class)
-            files = [f"{c}/{f}" for c in classes for f in per_class[c]]
-            labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
-        else:
-            classes = []
-            files = self._images_under(self.root)
-            labels = [-1] * len(files)
-        if not files:
-            raise FileNotFoundError(
-                f"image-folder {str(self.root)!r} holds no images with extensions {allowed} "
-                f"(searched recursively{'' if class_folders is not True else ' in its class folders'}); "
-                f"point data.root at a folder of images or set data.extensions"
-            )
-        return files, labels, classes
+        return scan_class_folders(self.root, self.extensions, class_folders, "image-folder", "images", logger)
 
     # ---- items --------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write, file_sha256
+from ditx.data import files_under, has_extension
 
 logger = logging.getLogger("ditx.shape3d")
 
@@ -743,21 +744,11 @@ class ShapeFolderDataset(Dataset):
     # ---- finding the files ------------------------------------------------------------
 
     def _is_mesh(self, name: str) -> bool:
-        return not name.startswith(".") and os.path.splitext(name)[1].lower().lstrip(".") in self.extensions
+        return has_extension(name, self.extensions)
 
     def _meshes_under(self, folder: Path) -> list[str]:
         """Paths relative to ``folder`` of the mesh files under it (recursively), sorted."""
-        found, seen = [], set()
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(folder)
-            found += [(rel / f).as_posix() for f in filenames if self._is_mesh(f)]
-        return sorted(found)
+        return files_under(folder, self.extensions)
 
     def _class_layout(self, folder: Path, class_folders: bool | None) -> dict[str, list[str]] | None:
         """{class: files relative to folder} for a class-folder layout, None for a flat one."""

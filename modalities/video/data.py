@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write
-from ditx.data import deterministic_choice
+from ditx.data import deterministic_choice, has_extension, scan_class_folders
 
 logger = logging.getLogger("ditx.video")
 
@@ -513,58 +513,13 @@ class VideoFolderDataset(Dataset):
     # ---- finding the files ------------------------------------------------------------
 
     def _is_video(self, name: str) -> bool:
-        return not name.startswith(".") and os.path.splitext(name)[1].lower().lstrip(".") in self.extensions
-
-    def _videos_under(self, folder: Path) -> list[str]:
-        """Paths relative to ``folder`` of the video files under it (recursively, following links once), sorted."""
-        found, seen = [], set()
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(folder)
-            found += [(rel / f).as_posix() for f in filenames if self._is_video(f)]
-        return sorted(found)
+        return has_extension(name, self.extensions)
 
     def _scan(self, class_folders: bool | None) -> tuple[list[str], list[int], list[str]]:
         """(absolute paths, labels (-1 when flat), class names) of a folder."""
-        with os.scandir(self.root) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        top_videos = [e.name for e in entries if e.is_file() and self._is_video(e.name)]
-        subdirs = [Path(e.path) for e in entries if e.is_dir()]
-        if class_folders is None and top_videos:
-            class_folders = False
-        per_class = {d.name: self._videos_under(d) for d in subdirs} if class_folders is not False else {}
-        per_class = {name: files for name, files in per_class.items() if files}
-        if class_folders is None:
-            class_folders = len(per_class) >= 2
-        if class_folders:
-            if top_videos:
-                raise ValueError(
-                    f"{self.registered_name} {str(self.root)!r}: class_folders is true but the root holds videos "
-                    f"(e.g. {top_videos[0]!r}); move them into a class folder or set class_folders: false"
-                )
-            empty = [d.name for d in subdirs if d.name not in per_class]
-            if empty:
-                logger.warning("%s %s: sub-folders without videos are not classes: %s", self.registered_name,
-                               self.root, empty)  # fmt: skip
-            classes = sorted(per_class)
-            files = [f"{c}/{f}" for c in classes for f in per_class[c]]
-            labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
-        else:
-            classes = []
-            files = self._videos_under(self.root)
-            labels = [-1] * len(files)
-        if not files:
-            raise FileNotFoundError(
-                f"{self.registered_name} {str(self.root)!r} holds no videos with extensions "
-                f"{', '.join(self.extensions)} "
-                f"(searched recursively{'' if class_folders is not True else ' in its class folders'}); "
-                f"point data.root at a folder of videos or a manifest, or set data.extensions"
-            )
+        files, labels, classes = scan_class_folders(
+            self.root, self.extensions, class_folders, self.registered_name, "videos", logger
+        )
         return [str(self.root / f) for f in files], labels, classes
 
     def _read_manifest(self) -> tuple[list[str], list[int], list[str], list[str] | None]:
