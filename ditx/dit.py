@@ -144,13 +144,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, grid: Grid, attend: tuple[int, ...] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, grid: Grid, attend: tuple[int, ...] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
         if attend is not None:
             qkv, sizes, perm = _group(qkv, grid, attend)  # (B*G, n, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', H, n, d)
-        out = attention(q, k, v, backend=self.backend)  # (B', H, n, d)
+        out = attention(q, k, v, mask=mask, backend=self.backend)  # (B', H, n, d); mask (n, n)
         out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], d)  # (B', n, D)
         if attend is not None:
             out = _ungroup(out, b, sizes, perm)  # (B, N, D)
@@ -212,10 +214,17 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
-        self, x: Tensor, c: Tensor, grid: Grid, context: Tensor | None = None, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        c: Tensor,
+        grid: Grid,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid, self.attend)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h, grid, self.attend, attn_mask)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -381,8 +390,16 @@ class DiT(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         force_drop: Tensor | None = None,
+        num_images: int = 0,
     ) -> Tensor:
+        """(B, C, *spatial) noisy input, (B,) timesteps, (B,) labels -> (B, out_channels, *spatial).
+
+        ``num_images``: joint image-video training (Latte): the last ``num_images`` frames
+        along the ``time`` axis are independent images; attention over time keeps them
+        apart from the clip and from each other.
+        """
         tokens, grid = self.x_embedder.tokenize(x)  # (B, N, D)
+        masks = self._image_masks(grid, num_images, tokens.device) if num_images else {}
         codes = self.x_embedder.position_codes(grid, tokens.device)  # (N, D) or None
         if codes is not None:
             tokens = tokens + codes.to(tokens.dtype)
@@ -396,12 +413,36 @@ class DiT(nn.Module):
         elif context is not None:
             raise ValueError("context tokens given, but this DiT has no cross-attention (context_dim=None)")
         for block in self.blocks:
+            mask = masks.get(block.attend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, grid, context, context_mask, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, grid, context, context_mask, mask, use_reentrant=False)
             else:
-                tokens = block(tokens, c, grid, context, context_mask)  # (B, N, D)
+                tokens = block(tokens, c, grid, context, context_mask, mask)  # (B, N, D)
         tokens = self.final_layer(tokens, c)  # (B, N, patch_numel * out_channels)
         return self.x_embedder.untokenize(tokens, grid)  # (B, out_channels, *spatial)
+
+    def _image_masks(self, grid: Grid, num_images: int, device) -> dict:
+        """{block.attend: (n, n) bool mask} keeping image frames out of attention over time."""
+        axes = tuple(self.x_embedder.axes)
+        if "time" not in axes:
+            raise ValueError(f"num_images needs a tokenizer with a 'time' axis, got axes {axes}")
+        ti = axes.index("time")
+        patch = getattr(self.x_embedder, "patch_size", None)
+        if patch is not None and patch[ti] != 1:
+            raise ValueError(f"num_images needs one frame per token along time (patch {patch[ti]} there)")
+        if not 0 < num_images < grid[ti]:
+            raise ValueError(f"num_images must be in [1, {grid[ti] - 1}] for {grid[ti]} frames, got {num_images}")
+        masks = {}
+        for attend in {block.attend for block in self.blocks}:
+            idx = tuple(range(len(grid))) if attend is None else attend
+            if ti not in idx:
+                continue  # spatial blocks see one frame at a time already
+            sizes = [grid[i] for i in idx]
+            stride = math.prod(sizes[idx.index(ti) + 1 :])
+            t = torch.arange(math.prod(sizes), device=device) // stride % grid[ti]  # frame of each position
+            video = t < grid[ti] - num_images
+            masks[attend] = (video[:, None] & video[None, :]) | (t[:, None] == t[None, :])
+        return masks
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, guided_channels: int | None = 3):
         """DiT's sampling call: the batch holds [cond half; uncond half] with equal x.

@@ -12,6 +12,7 @@ run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -55,6 +56,15 @@ class Components:
     data_shape: tuple[int, ...] | None
     latent_shape: tuple[int, ...]
     num_classes: int
+    # what sampling generates, when training items hold more (e.g. a clip plus image frames)
+    sample_data_shape: tuple[int, ...] | None = None
+    sample_latent_shape: tuple[int, ...] | None = None
+
+    def for_sampling(self) -> Components:
+        """These components with the shapes a trained model generates."""
+        if self.sample_latent_shape is None:
+            return self
+        return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape)
 
 
 def build_dataset(recipe: Recipe, **override: Any) -> Dataset:
@@ -115,7 +125,12 @@ def build_components(
     if recipe.model.num_classes is not None:
         num_classes = recipe.model.num_classes
     model = build_model(recipe, tuple(latent_shape), num_classes, objective)
-    return Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
+    parts = Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
+    sample_shape = getattr(dataset, "sample_shape", None) if data_shape is not None else None
+    if sample_shape is not None and tuple(sample_shape) != data_shape:
+        parts.sample_data_shape = tuple(sample_shape)
+        parts.sample_latent_shape = tuple(autoencoder.latent_shape(sample_shape))
+    return parts
 
 
 # --------------------------------------------------------------------------------------
@@ -273,6 +288,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     parts = build_components(recipe)
     dataset = maybe_cached_dataset(recipe, parts)  # latents from `ditx cache-latents` if present
     cached = dataset is not parts.dataset
+    sampling = parts.for_sampling()  # shapes of what the model generates (previews, checkpoints)
     model, objective, autoencoder = parts.model, parts.objective, parts.autoencoder
     if hasattr(autoencoder, "to"):
         autoencoder.to(accelerator.device)
@@ -345,6 +361,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                     if parts.num_classes > 0:
                         y = batch["y"].to(accelerator.device)
                         kwargs["force_drop"] = drop_all[sl].to(accelerator.device)
+                    if "num_images" in batch:  # joint image-video training (Latte)
+                        kwargs["num_images"] = int(batch["num_images"][0])
                     terms = objective.loss(
                         forward, z, y=y, model_kwargs=kwargs,
                         noise=noise_all[sl].to(accelerator.device), t=t_all[sl].to(accelerator.device),
@@ -400,15 +418,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 path = ckpt.save_training_state(
                     ckpt_root, step, accelerator, model, ema, optimizer, scheduler,
                     extra={"bad_samples": bad_samples, "micro_step": micro_step, "world_size": world,
-                           "batches_per_epoch": per_epoch, "data_shape": list(parts.data_shape),
-                           "latent_shape": list(parts.latent_shape), "num_classes": parts.num_classes},
+                           "batches_per_epoch": per_epoch, "data_shape": list(sampling.data_shape),
+                           "latent_shape": list(sampling.latent_shape), "num_classes": parts.num_classes},
                     keep=cfg.keep_checkpoints,
                 )  # fmt: skip
                 last_good = path
             if accelerator.is_main_process and (
                 (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
             ):
-                write_previews(parts, ema.model, run_dir / "samples" / f"step_{step:08d}", accelerator.device)
+                write_previews(sampling, ema.model, run_dir / "samples" / f"step_{step:08d}", accelerator.device)
             if step >= cfg.steps:
                 break
     progress.close()

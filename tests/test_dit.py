@@ -249,3 +249,26 @@ def test_torch_compile_matches_eager():
         ref = model(x, t, y)
         out = torch.compile(model)(x, t, y)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["spatial-temporal", "joint"])
+def test_image_frames_stay_out_of_attention_over_time(layout):
+    """Joint image-video training: the last num_images frames are independent images."""
+    model = randomize(tiny_video_dit(layout=layout, depth=2)).eval()
+    x = torch.randn(1, 3, 5, 8, 8)  # 3 video frames + 2 images
+    t = torch.tensor([500.0])
+    base = model(x, t, num_images=2)
+    image = x.clone()
+    image[:, :, 4] += 1.0
+    out = model(image, t, num_images=2)
+    torch.testing.assert_close(out[:, :, :4], base[:, :, :4], atol=1e-6, rtol=0)  # clip and other image unchanged
+    assert (out[:, :, 4] - base[:, :, 4]).abs().max() > 1e-4
+    video = x.clone()
+    video[:, :, 0] += 1.0
+    out = model(video, t, num_images=2)
+    assert (out[:, :, 2] - base[:, :, 2]).abs().max() > 1e-4  # video frames still see each other
+    torch.testing.assert_close(out[:, :, 3:], base[:, :, 3:], atol=1e-6, rtol=0)  # images do not
+    # without num_images every frame is video
+    assert (model(image, t)[:, :, :3] - model(x, t)[:, :, :3]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"num_images must be in \[1, 4\] for 5 frames"):
+        model(x, t, num_images=5)

@@ -129,3 +129,20 @@ def test_video_latent_cache_means_training_never_decodes(tmp_path, monkeypatch):
     monkeypatch.setattr(video_data, "read_frames", no_decoding)
     run = train(recipe, run_dir=tmp_path / "run")
     assert (run / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_joint_image_video_training_samples_clips(tmp_path, monkeypatch):
+    import decord
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 24,
+            "num_clips_train": 12, "num_clips_test": 10, "image_frames": 2}  # fmt: skip
+    recipe = tiny(
+        tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 4, 4]},
+        model={"depth": 2, "hidden_size": 32, "num_heads": 2, "layout": "spatial-temporal"},
+    )
+    run = train(recipe, run_dir=tmp_path / "run")
+    state = json.loads((run / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["data_shape"] == [3, 4, 24, 24]  # the model generates clips; images only join training
+    out = sample_from(run, num=1, out=tmp_path / "samples")
+    assert len(decord.VideoReader(str(out / "sample_00000_class0.mp4"))) == 4

@@ -508,3 +508,23 @@ def test_moving_digits_dataset_reads_the_rendered_clips_back(tmp_path):
     assert train.cache_key()["moving_digits"]["num_clips_per_split"] == {"train": 20, "test": 10}
     with pytest.raises(ValueError, match="num_clips_test must be an integer >= 10"):
         MovingDigitsDataset(**{**kwargs, "num_clips_test": 5})
+
+
+def test_image_frames_append_single_frames_of_other_videos(tmp_path, cache):
+    """Latte's joint image-video training: k frames of other videos join each clip."""
+    for i in range(4):
+        coded_video(tmp_path / f"v{i}.mp4", num_frames=12)
+    ds = folder(tmp_path, cache, image_frames=2)
+    assert ds.data_shape == (3, 6, 8, 8) and ds.sample_shape == (3, 4, 8, 8)
+    item = ds[1]
+    assert item["x"].shape == (3, 6, 8, 8) and item["num_images"] == 2
+    picks = ds.image_frames_for(1)
+    assert frame_indices(item["x"][:, 4:]) == [f for _, f in picks]  # the coded frame of each pick
+    assert torch.equal(ds[1]["x"], item["x"])  # fixed by (seed, epoch, index)
+    epoch0 = [ds.image_frames_for(i) for i in range(4)]
+    ds.set_epoch(1)
+    assert [ds.image_frames_for(i) for i in range(4)] != epoch0  # new picks each epoch
+    with pytest.raises(ValueError, match="latent caches hold clips only"):
+        ds.cache_variants(0)
+    with pytest.raises(ValueError, match="image_frames must be an integer >= 0"):
+        folder(tmp_path, cache, image_frames=-1)

@@ -414,6 +414,12 @@ class VideoFolderDataset(Dataset):
     ``~/.cache/ditx``) by path, size and mtime, so constructing again is instant. A file
     that cannot be opened then is logged and left out. ``stats`` counts all of it.
 
+    ``image_frames: k`` is Latte's joint image-video training: each item gets ``k`` more
+    frames, each a single frame of another video (video and frame fixed by (seed, epoch,
+    index, k)), appended along time, so ``x`` is ``(3, num_frames + k, size, size)`` and
+    ``item["num_images"] = k``; the backbone keeps them out of temporal attention (see
+    ``DiT.forward``'s ``num_images``). Latent caches hold clips only.
+
     Readers are opened in ``__getitem__`` and released after each item (DataLoader
     workers work; decord's long-lived readers leak memory). A file that fails then
     raises ``OSError("cannot read video <path>: ...")``, which the trainer logs and
@@ -436,6 +442,7 @@ class VideoFolderDataset(Dataset):
         extensions: list[str] | tuple[str, ...] = VIDEO_EXTENSIONS,
         decode_size: int | None = None,
         cache_dir: str | None = None,
+        image_frames: int = 0,
     ):
         name = self.registered_name
         for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
@@ -457,6 +464,9 @@ class VideoFolderDataset(Dataset):
         self.num_frames, self.frame_stride, self.size, self.flip = num_frames, frame_stride, size, flip
         self.short_policy, self.split, self.seed, self.extensions = short_policy, split, seed, exts
         self.decode_size = decode_size
+        if isinstance(image_frames, bool) or not isinstance(image_frames, int) or image_frames < 0:
+            raise ValueError(f"video-folder image_frames must be an integer >= 0, got {image_frames!r}")
+        self.image_frames = image_frames
         self.epoch = 0
 
         if self.root.is_file() and self.root.suffix.lower() in MANIFEST_SUFFIXES:
@@ -500,7 +510,8 @@ class VideoFolderDataset(Dataset):
         self._captions = _pack([captions[i] for i in keep]) if captions is not None else None
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.num_classes = len(self.classes)
-        self.data_shape = (3, num_frames, size, size)
+        self.sample_shape = (3, num_frames, size, size)  # what a trained model generates
+        self.data_shape = (3, num_frames + self.image_frames, size, size)  # what training items hold
         self.stats = {"videos": len(keep), "unreadable": unreadable, "short": short, "skipped_short": skipped}
         done = {"skip": "skipped", "loop": "looped", "pad": "padded"}[short_policy]
         kept_short = f", {short} shorter than {span} frames ({done})" if short else ""
@@ -571,17 +582,37 @@ class VideoFolderDataset(Dataset):
                 start = "center"
         return sample_clip_indices(frames, self.num_frames, self.frame_stride, start, self.short_policy)
 
-    def load(self, index: int, start: int | Literal["center"] | None = None) -> Tensor:
-        """Item ``index``'s clip ``(3, num_frames, size, size)`` in [-1, 1], resized and cropped, not flipped."""
-        index = range(len(self))[index]
-        height, width = -1, -1
+    def _decode_hw(self, index: int) -> tuple[int, int]:
         if self.decode_size is not None:
             h, w = (int(v) for v in self._hw[index])
             if min(h, w) > self.decode_size:  # only ever scale down while decoding
                 scale = self.decode_size / min(h, w)
-                height, width = max(self.decode_size, round(h * scale)), max(self.decode_size, round(w * scale))
-        frames = read_frames(self.path(index), self.clip_indices(index, start), height, width)
+                return max(self.decode_size, round(h * scale)), max(self.decode_size, round(w * scale))
+        return -1, -1
+
+    def load(self, index: int, start: int | Literal["center"] | None = None) -> Tensor:
+        """Item ``index``'s clip ``(3, num_frames, size, size)`` in [-1, 1], resized and cropped, not flipped."""
+        index = range(len(self))[index]
+        frames = read_frames(self.path(index), self.clip_indices(index, start), *self._decode_hw(index))
         return resize_center_crop(frames, self.size)
+
+    def image_frames_for(self, index: int) -> list[tuple[int, int]]:
+        """(video, frame) of each of item ``index``'s ``image_frames`` extra frames this epoch."""
+        picks = []
+        for k in range(self.image_frames):
+            other = deterministic_choice(self.seed + 7919 * (k + 1), self.epoch, index, len(self))
+            frame = deterministic_choice(self.seed + 104729 * (k + 1), self.epoch, index,
+                                         max(1, self.num_video_frames(other)))  # fmt: skip
+            picks.append((other, frame))
+        return picks
+
+    def load_images(self, index: int) -> Tensor:
+        """(3, image_frames, size, size): single frames of other videos, processed like clips."""
+        frames = [
+            resize_center_crop(read_frames(self.path(j), [f], *self._decode_hw(j)), self.size)
+            for j, f in self.image_frames_for(index)
+        ]
+        return torch.cat(frames, dim=1)
 
     def _item(self, index: int, x: Tensor, flip: bool) -> dict[str, Any]:
         item: dict[str, Any] = {"x": x.flip(-1) if flip else x}
@@ -597,6 +628,11 @@ class VideoFolderDataset(Dataset):
         The temporal crop is frozen to the centre in a cache (only flips stay random), so
         training from a cache sees one clip per video.
         """
+        if self.image_frames:
+            raise ValueError(
+                f"{type(self).__name__}: latent caches hold clips only; train joint image-video "
+                f"(image_frames={self.image_frames}) from the videos, or set data.image_frames=0"
+            )
         x = self.load(index, "center")
         variants = [self._item(index, x, False)]
         return variants + [self._item(index, x, True)] if self.flip else variants
@@ -613,7 +649,11 @@ class VideoFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self))[index]
         flip = self.flip and deterministic_choice(self.seed, self.epoch, ~index) == 1
-        return self._item(index, self.load(index), flip)
+        item = self._item(index, self.load(index), flip)
+        if self.image_frames:
+            item["x"] = torch.cat([item["x"], self.load_images(index)], dim=1)
+            item["num_images"] = self.image_frames
+        return item
 
     def __repr__(self) -> str:
         kind = f"{self.num_classes} classes" if self.num_classes else "unconditional"
@@ -810,6 +850,7 @@ class MovingDigitsDataset(VideoFolderDataset):
         num_clips_test: int = 300,
         data_seed: int = 0,
         cache_dir: str | None = None,
+        image_frames: int = 0,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"moving-digits split must be 'train' or 'test', got {split!r}")
@@ -828,6 +869,7 @@ class MovingDigitsDataset(VideoFolderDataset):
         super().__init__(
             str(folder / split), num_frames=num_frames, frame_stride=frame_stride, size=size, flip=flip,
             short_policy="loop", split=split, seed=seed, class_folders=True, extensions=("mp4",), cache_dir=cache_dir,
+            image_frames=image_frames,
         )  # fmt: skip
         if self.classes != [str(d) for d in range(10)]:
             raise ValueError(
