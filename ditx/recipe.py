@@ -128,7 +128,8 @@ class AutoencoderTrainConfig:
     against the reconstruction loss (1e-6 as for Stable Diffusion's VAE).
     ``first_stage: true`` makes ``ditx train`` run both stages: when the recipe's
     autoencoder has no ``pretrained`` weights, it is trained first into ``<run>/autoencoder``
-    (kept across ``--resume``), then the DiT trains on its latents.
+    (kept across ``--resume``), then the DiT trains on its latents; with ``cache_latents:
+    true`` they are encoded once into ``<run>/latents`` (or ``train.latent_cache``) first.
     """
 
     steps: int = 1000
@@ -140,6 +141,7 @@ class AutoencoderTrainConfig:
     out: str | None = None
     log_every: int = 50
     first_stage: bool = False
+    cache_latents: bool = False
 
 
 @dataclass

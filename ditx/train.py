@@ -225,6 +225,15 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
     accelerator.wait_for_everyone()
     recipe.autoencoder.args["pretrained"] = str(out)
     recipe.autoencoder.args.pop("config", None)
+    if recipe.autoencoder_train.cache_latents:
+        from ditx.cache import cache_latents
+
+        if not recipe.train.latent_cache:
+            recipe.train.latent_cache = str(run_dir / "latents")
+        if accelerator.is_main_process:
+            logger.info("encoding the dataset once into %s", recipe.train.latent_cache)
+            cache_latents(recipe)  # resumable; returns at once when complete
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
             tmp.write_text(recipe.to_yaml())

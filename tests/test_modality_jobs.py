@@ -73,7 +73,7 @@ def test_shape3d_both_stages_sample_eval(tmp_path, monkeypatch):
             tmp_path, "shape3d", data, {"name": "triplane", "patch_size": 2},
             autoencoder={"name": "triplane-ae", "resolution": 8, "latent_channels": 2, "width": 16,
                          "decoder_width": 16, "decode_resolution": 16},
-            autoencoder_train={"first_stage": True, "steps": 3, "batch_size": 4},
+            autoencoder_train={"first_stage": True, "steps": 3, "batch_size": 4, "cache_latents": True},
             train={"steps": steps, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
                    "mixed_precision": "no", "output_dir": str(tmp_path / "runs"), "seed": 1},
             eval={"metrics": [{"name": "shape3d", "n_points": 128, "emd_points": 16}], "num_samples": 4,
@@ -84,6 +84,7 @@ def test_shape3d_both_stages_sample_eval(tmp_path, monkeypatch):
     ae = json.loads((run / "autoencoder" / "metrics.json").read_text())
     assert 0.0 <= ae["iou"] <= 1.0 and ae["steps"] == 3
     assert "pretrained: " + str(run / "autoencoder") in (run / "config.yaml").read_text()
+    assert (run / "latents" / "index.json").is_file()  # stage 2 trained on latents encoded once
     # the resumed run keeps the trained autoencoder instead of training it again
     stamp = (run / "autoencoder" / "model.safetensors").stat().st_mtime_ns
     train(recipe(3), run_dir=run, resume=True)
