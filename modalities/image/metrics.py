@@ -300,27 +300,44 @@ def load_or_train_digits_classifier(
     ``settings``, ``settings_hash``, ``weights_sha256`` and ``test_accuracy`` attributes.
     """
     settings = classifier_settings(size, channels, seed=seed, epochs=epochs)
-    path = classifier_cache_path(settings, cache_dir)
+
+    def train_and_score():
+        model = train_digits_classifier(settings, device=device).cpu()
+        return model, _test_accuracy(model, settings)
+
+    return cached_classifier(
+        classifier_cache_path(settings, cache_dir), settings, _load_classifier, train_and_score,
+        what="digits classifier", min_accuracy=0.95, device=device,
+    )  # fmt: skip
+
+
+def cached_classifier(
+    path: Path, settings: dict[str, Any], load, train_and_score, what: str, min_accuracy: float, device
+) -> nn.Module:
+    """A judge network trained at most once: ``load(path, settings) -> (model, metadata)`` when
+    the cache file exists and loads (else a warning says why), otherwise
+    ``train_and_score() -> (model, test accuracy)`` and an atomic write of the weights with
+    the settings and accuracy. The model gets ``settings``, ``settings_hash``,
+    ``weights_sha256`` and ``test_accuracy`` attributes and is moved to ``device``."""
     model = None
     if path.exists():
         try:
-            model, metadata = _load_classifier(path, settings)
+            model, metadata = load(path, settings)
             test_accuracy = float(metadata["test_accuracy"])
         except Exception as e:  # any unreadable cache entry is rebuilt, never trusted
             warnings.warn(
-                f"digits classifier cache {path} could not be loaded ({type(e).__name__}: {e}); retraining it",
+                f"{what} cache {path} could not be loaded ({type(e).__name__}: {e}); retraining it",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             model = None
     if model is None:
-        model = train_digits_classifier(settings, device=device).cpu()
-        test_accuracy = _test_accuracy(model, settings)
-        if test_accuracy < 0.95:
+        model, test_accuracy = train_and_score()
+        if test_accuracy < min_accuracy:
             warnings.warn(
-                f"digits classifier reached only {test_accuracy:.3f} test accuracy; FID/KID will be less meaningful",
+                f"{what} reached only {test_accuracy:.3f} test accuracy; the metrics it judges will be less meaningful",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         from safetensors.torch import save_file
 

@@ -106,7 +106,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import atomic_write, file_sha256
+from ditx.checkpoint import file_sha256
 from modalities.image.metrics import (
     CLASSIFIER_INPUT_SIZE,
     FEATURE_DIM,
@@ -115,6 +115,7 @@ from modalities.image.metrics import (
     InceptionMetric,
     _package_version,
     _shift_1px,
+    cached_classifier,
     default_cache_dir,
     frechet_distance,
     settings_hash,
@@ -762,41 +763,17 @@ def load_or_train_moving_digits_classifier(
                                                  seed=seed, epochs=epochs)  # fmt: skip
     frames, labels = _render(settings, "train")
     settings["train_data_sha256"] = _data_sha256(frames, labels)
-    path = moving_digits_classifier_path(settings, cache_dir)
-    model = None
-    if path.exists():
-        try:
-            model, metadata = _load_moving_digits_classifier(path, settings)
-            test_accuracy = float(metadata["test_accuracy"])
-        except Exception as e:  # any unreadable cache entry is rebuilt, never trusted
-            warnings.warn(
-                f"moving-digits classifier cache {path} could not be loaded ({type(e).__name__}: {e}); retraining it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            model = None
-    if model is None:
+
+    def train_and_score():
         model = train_moving_digits_classifier(settings, frames, labels, device=device).cpu()
         test_frames, test_labels = _render(settings, "test")
         predictions = _predict(model, test_frames.flatten(0, 1)).view(test_frames.shape[:2])
-        test_accuracy = frame_accuracy(predictions, test_labels)
-        if test_accuracy < 0.97:
-            warnings.warn(
-                f"moving-digits classifier reached only {test_accuracy:.3f} accuracy on test frames; "
-                "the moving-digits metrics will be less meaningful",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        from safetensors.torch import save_file
+        return model, frame_accuracy(predictions, test_labels)
 
-        metadata = {"settings": json.dumps(settings, sort_keys=True), "test_accuracy": repr(test_accuracy)}
-        with atomic_write(path) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
-    model.settings = settings
-    model.settings_hash = settings_hash(settings)
-    model.weights_sha256 = file_sha256(path)
-    model.test_accuracy = test_accuracy
-    return model.to(device)
+    return cached_classifier(
+        moving_digits_classifier_path(settings, cache_dir), settings, _load_moving_digits_classifier,
+        train_and_score, what="moving-digits classifier", min_accuracy=0.97, device=device,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
