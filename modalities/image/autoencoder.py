@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,23 +69,41 @@ def load_autoencoder_kl(pretrained: str, subfolder: str | None = None, torch_dty
     """``AutoencoderKL.from_pretrained`` with errors that name the path and what to do."""
     from diffusers import AutoencoderKL
 
+    return load_pretrained_model(AutoencoderKL, pretrained, subfolder, torch_dtype, "sd-vae", OFFLINE_HINT,
+                                 " (or `ditx train-autoencoder`)")  # fmt: skip
+
+
+def load_pretrained_model(
+    cls: Any,
+    pretrained: str,
+    subfolder: str | None,
+    torch_dtype: torch.dtype,
+    component: str,
+    offline_hint: str,
+    written_by: str = "",
+    check: Callable[[Path], None] | None = None,
+):
+    """``cls.from_pretrained`` (a diffusers model) from a local folder or a hub id, with errors
+    that name ``component``, the path and what to do; ``check`` sees a local folder first."""
     where = f"{pretrained!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     local = Path(pretrained).expanduser()
     if local.exists():
         target = local / subfolder if subfolder else local
         if not (target / "config.json").is_file():
             raise FileNotFoundError(
-                f"sd-vae: pretrained={where}: {target} has no config.json; pass a folder written by "
-                f"AutoencoderKL.save_pretrained (or `ditx train-autoencoder`), or the right subfolder "
-                f"(e.g. subfolder: vae for a full Stable Diffusion pipeline)"
+                f"{component}: pretrained={where}: {target} has no config.json; pass a folder written by "
+                f"{cls.__name__}.save_pretrained{written_by}, or the right subfolder "
+                f"(e.g. subfolder: vae for a full pipeline)"
             )
+        if check is not None:
+            check(target)
         pretrained = str(local)
     elif _looks_like_path(pretrained):
-        raise FileNotFoundError(f"sd-vae: pretrained={where}: no such local directory; {OFFLINE_HINT}")
+        raise FileNotFoundError(f"{component}: pretrained={where}: no such local directory; {offline_hint}")
     try:
-        return AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=torch_dtype)
+        return cls.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=torch_dtype)
     except Exception as e:  # hub, network and file errors come in many types; say what to do
-        raise OSError(f"sd-vae: could not load pretrained={where}: {e} -- {OFFLINE_HINT}") from e
+        raise OSError(f"{component}: could not load pretrained={where}: {e} -- {offline_hint}") from e
 
 
 def _config_kwargs(config: str | dict) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from modalities.image.autoencoder import DTYPES, SDVAE, _looks_like_path
+from modalities.image.autoencoder import DTYPES, SDVAE, load_pretrained_model
 
 # ======================================================================================
 # framewise-vae: an image VAE per frame
@@ -238,30 +238,18 @@ def load_video_vae(kind: str, pretrained: str, subfolder: str | None = None, tor
     """``<diffusers class of kind>.from_pretrained`` with errors that name the path and what to do."""
     cls = _model_class(kind)
     where = f"{pretrained!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-    local = Path(pretrained).expanduser()
-    if local.exists():
-        target = local / subfolder if subfolder else local
-        config_file = target / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"video-vae: pretrained={where}: {target} has no config.json; pass a folder written by "
-                f"{cls.__name__}.save_pretrained, or the right subfolder (e.g. subfolder: vae for a full "
-                f"pipeline)"
-            )
-        found = json.loads(config_file.read_text()).get("_class_name")
+
+    def same_class(folder: Path) -> None:
+        found = json.loads((folder / "config.json").read_text()).get("_class_name")
         if found is not None and found != cls.__name__:
             known = {v: k for k, v in MODEL_CLASSES.items()}
             hint = f"kind: {known[found]}" if found in known else f"a folder holding a {cls.__name__}"
             raise ValueError(
                 f"video-vae: pretrained={where} holds a {found}, but kind={kind!r} loads a {cls.__name__}; use {hint}"
             )
-        pretrained = str(local)
-    elif _looks_like_path(pretrained):
-        raise FileNotFoundError(f"video-vae: pretrained={where}: no such local directory; {VIDEO_OFFLINE_HINT}")
-    try:
-        return cls.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=torch_dtype)
-    except Exception as e:  # hub, network and file errors come in many types; say what to do
-        raise OSError(f"video-vae: could not load pretrained={where}: {e} -- {VIDEO_OFFLINE_HINT}") from e
+
+    return load_pretrained_model(cls, pretrained, subfolder, torch_dtype, "video-vae", VIDEO_OFFLINE_HINT,
+                                 check=same_class)  # fmt: skip
 
 
 def _video_config_kwargs(kind: str, config: str | dict) -> dict[str, Any]:
