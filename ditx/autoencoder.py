@@ -206,7 +206,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
             dataset.set_epoch(epoch)
         loader = DataLoader(
             Subset(dataset, train_idx), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
         )  # fmt: skip
         for batch in loader:
             x = batch["x"].to(device)

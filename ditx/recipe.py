@@ -91,7 +91,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     log_every: int = 50
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes; 0 when reading cached latents (already in memory)
     max_bad_samples: int = 10
     latent_cache: str | None = None  # folder written by `ditx cache-latents`; used when present
     output_dir: str = "runs"
@@ -126,6 +126,7 @@ class AutoencoderTrainConfig:
     ``out`` defaults to ``<train.output_dir>/<recipe>-autoencoder``; afterwards point
     ``autoencoder.pretrained`` at it. ``kl_weight`` weighs the posterior's KL term
     against the reconstruction loss (1e-6 as for Stable Diffusion's VAE).
+    ``num_workers`` data-loading processes decode the data beside the training step.
     ``first_stage: true`` makes ``ditx train`` run both stages: when the recipe's
     autoencoder has no ``pretrained`` weights, it is trained first into ``<run>/autoencoder``
     (kept across ``--resume``), then the DiT trains on its latents; with ``cache_latents:
@@ -140,6 +141,7 @@ class AutoencoderTrainConfig:
     seed: int = 0
     out: str | None = None
     log_every: int = 50
+    num_workers: int = 0
     first_stage: bool = False
     cache_latents: bool = False
 

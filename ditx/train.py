@@ -325,6 +325,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     accelerator.init_trackers(str(run_dir / "logs"), config=_flat_hparams(recipe))
 
     data = SkipBadSamples(dataset)
+    # cached latents are slices of tensors already in memory: worker processes would only add
+    # their start-up (every epoch) and the copies between processes
+    num_workers = 0 if cached else cfg.num_workers
     per_epoch = GlobalBatchSampler(len(data), local, rank, world, cfg.seed, 0).batches_per_epoch()
     if per_epoch == 0:
         raise ValueError(f"the dataset has {len(data)} items, fewer than one global micro-batch of {micro_global}")
@@ -342,7 +345,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         loader = DataLoader(
             data,
             batch_sampler=sampler,
-            num_workers=cfg.num_workers,
+            num_workers=num_workers,
             collate_fn=collate_skipping_errors,
             generator=torch.Generator().manual_seed(cfg.seed + epoch),  # workers never touch the global RNG
         )

@@ -171,7 +171,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         SDVAE()
     with pytest.raises(ValueError, match="exactly one of `pretrained`.*autoencoder.config=null"):
         SDVAE(pretrained=str(tmp_path), config="tiny")
-    with pytest.raises(ValueError, match="unknown config 'huge'; named configs: tiny, sd"):
+    with pytest.raises(ValueError, match="unknown config 'huge'; named configs: tiny, tiny-f4, sd"):
         SDVAE(config="huge")
     with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16"):
         SDVAE(config="tiny", dtype="float64")

@@ -114,6 +114,16 @@ def test_framewise_round_trip_keeps_every_frame():
             assert ae.decode(z).shape == x.shape
 
 
+def test_tiny_f4_config_is_the_moving_digits_latent_space():
+    ae = FramewiseVAE(config="tiny-f4")  # the video/moving-digits recipe's VAE
+    assert ae.downsample_factor == 4 and ae.latent_channels == 4
+    x = videos(b=1, t=2, width=32)
+    with torch.no_grad():
+        z = ae.encode(x)
+        assert z.shape == (1, *ae.latent_shape((3, 2, 16, 32))) == (1, 4, 2, 4, 8)
+        assert ae.decode(z).shape == x.shape
+
+
 def test_framewise_is_the_image_vae_applied_to_each_frame(saved_kl):
     kl, folder = saved_kl
     ae = FramewiseVAE(pretrained=str(folder))
@@ -210,7 +220,7 @@ def test_tiny_framewise_vae_trains(tmp_path):
 def test_framewise_errors_name_the_component_and_what_to_do(tmp_path, offline):
     with pytest.raises(ValueError, match=r"framewise-vae .*exactly one of `pretrained`"):
         FramewiseVAE()
-    with pytest.raises(ValueError, match="unknown config 'huge'; named configs: tiny, sd"):
+    with pytest.raises(ValueError, match="unknown config 'huge'; named configs: tiny, tiny-f4, sd"):
         FramewiseVAE(config="huge")
     with pytest.raises(ValueError, match=r"videos \(C, T, H, W\); got data shape \(3, 16, 16\)"):
         FramewiseVAE(config="tiny").latent_shape((3, 16, 16))

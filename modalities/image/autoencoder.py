@@ -33,6 +33,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "sample_size": 16,
     },
+    # f = 4, 32/64/64 channels: 32×32 frames -> 8×8×4 latents (the moving-digits video recipe)
+    "tiny-f4": {
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+    },
     # the architecture of stabilityai/sd-vae-ft-{ema,mse} (f = 8, 83.7M parameters)
     "sd": {
         "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -127,7 +137,7 @@ class SDVAE(nn.Module):
             (e.g. ``stabilityai/sd-vae-ft-ema``, DiT's VAE).
         subfolder: folder inside ``pretrained`` (``vae`` for a full SD pipeline repo).
         config: an untrained VAE instead of ``pretrained``: a name from ``CONFIGS``
-            (``tiny``, ``sd``) or a mapping of ``AutoencoderKL`` arguments.
+            (``tiny``, ``tiny-f4``, ``sd``) or a mapping of ``AutoencoderKL`` arguments.
         scaling_factor: latents are ``(posterior - shift_factor) * scaling_factor``;
             ``None`` takes the VAE config's value (0.18215 for SD-VAE as in DiT; for a VAE
             trained by ``ditx train-autoencoder``, the factor that gives unit variance).

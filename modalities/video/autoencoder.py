@@ -58,7 +58,7 @@ class FramewiseVAE(nn.Module):
 
     Args:
         pretrained, subfolder, config, scaling_factor, sample_posterior, dtype: as for
-            ``modalities.image.autoencoder.SDVAE`` (``config`` names: ``tiny``, ``sd``;
+            ``modalities.image.autoencoder.SDVAE`` (``config`` names: ``tiny``, ``tiny-f4``, ``sd``;
             ``scaling_factor`` None takes the VAE config's, 0.18215 for SD's VAE).
         chunk_size: frames per encoder/decoder call (over the whole batch).
 
