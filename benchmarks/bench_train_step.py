@@ -2,11 +2,13 @@
 
 For each row both models run a training step (forward, MSE loss, backward) on the same
 batch, alternating, after warm-up; the table gives the median per-sample time, the ratio
-ditx/peer, achieved GFLOP/s (FLOPs counted once with torch.utils.flop_counter) and the
-fraction of the matmul peak measured in this run (a large GEMM in the same dtype).
+ditx/peer, achieved GFLOP/s (FLOPs counted once with torch.utils.flop_counter, CPU SDPA
+included) and the fraction of the matmul peak measured in this run (a large GEMM in the
+same dtype).
 
-    python benchmarks/bench_train_step.py            # DiT-S/2 and DiT-B/2, fp32 and bf16
-    python benchmarks/bench_train_step.py --quick    # DiT-S/2 only, fewer repeats
+    python benchmarks/bench_train_step.py            # DiT-S/2, DiT-B/2 (+ torch.compile) at 256 tokens,
+                                                     # DiT-S/2 at 1,024, fp32 and bf16
+    python benchmarks/bench_train_step.py --quick    # DiT-S/2 at 256 tokens only, fewer repeats
 
 Writes benchmarks/results/train_step.json.
 """
@@ -15,30 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
-import statistics
 import time
-from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from common import alternate, count_flops, markdown_table, matmul_peaks, write_results
 
 from ditx import build_dit
 from ditx.dit import DIT_PRESETS
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n×n×n matrix product in ``dtype`` (median of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - tic)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def diffusers_dit(preset: str, size: int):
@@ -66,7 +51,7 @@ def make_step(model, call, x, t, y, dtype):
     return step
 
 
-def run_row(preset: str, size: int, batch: int, dtype: torch.dtype, repeats: int) -> dict:
+def run_row(preset: str, size: int, batch: int, dtype: torch.dtype, repeats: int, compile: bool = False) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 4, size, size)
     t = torch.randint(0, 1000, (batch,)).float()
@@ -77,57 +62,82 @@ def run_row(preset: str, size: int, batch: int, dtype: torch.dtype, repeats: int
         "ditx": make_step(ours, lambda m, x, t, y: m(x, t, y), x, t, y, dtype),
         "diffusers": make_step(peer, lambda m, x, t, y: m(x, timestep=t, class_labels=y).sample, x, t, y, dtype),
     }
-    with FlopCounterMode(display=False) as counter:
-        steps["ditx"]()
-    flops = counter.get_total_flops()
-    for fn in steps.values():  # warm-up
-        fn()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):  # alternating, so machine noise hits both
-        for name, fn in steps.items():
-            tic = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - tic)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    flops = count_flops(steps["ditx"])
+    compile_s = None
+    if compile:  # torch.compile (inductor) of the same module; compile time measured apart from the steps
+        steps["ditx compiled"] = make_step(torch.compile(ours), lambda m, x, t, y: m(x, t, y), x, t, y, dtype)
+        tic = time.perf_counter()
+        steps["ditx compiled"]()
+        compile_s = time.perf_counter() - tic
+    med = alternate(steps, repeats, warmup=1)  # alternating, so machine noise hits both
     return {
         "preset": preset, "tokens": (size // DIT_PRESETS[preset]["patch_size"]) ** 2, "batch": batch,
         "dtype": str(dtype).replace("torch.", ""), "ms_per_sample": {k: 1e3 * v / batch for k, v in med.items()},
         "ratio_ditx_over_peer": med["ditx"] / med["diffusers"], "gflops_per_step": flops / 1e9,
+        "compile_s": compile_s,
         "gflop_s": {k: flops / v / 1e9 for k, v in med.items()},
         "params": {"ditx": sum(p.numel() for p in ours.parameters()),
                    "diffusers": sum(p.numel() for p in peer.parameters())},
     }  # fmt: skip
 
 
+# (preset, latent size, batch): the issue's rows; DiT-S/2 at 64×64 latents is 1,024 tokens
+ROWS = [("DiT-S/2", 32, 8), ("DiT-B/2", 32, 8), ("DiT-S/2", 64, 2)]
+GOALS = {  # (speed-up over diffusers, fraction of the matmul peak) per (preset, size, dtype); None: no goal
+    ("DiT-S/2", 32, "float32"): (1.15, None), ("DiT-B/2", 32, "float32"): (1.05, 0.80),
+    ("DiT-B/2", 32, "bfloat16"): (None, 0.60),
+}  # fmt: skip
+
+
+def goal_text(row: dict) -> str:
+    speed, peak = GOALS.get((row["preset"], row["size"], row["dtype"]), (None, None))
+    parts = []
+    if speed is not None:
+        got = 1 / row["ratio_ditx_over_peer"]
+        parts.append(f"≥{speed:.2f}× faster: {'met' if got >= speed else 'not met'} ({got:.2f}×)")
+    if peak is not None:
+        got = max(row["peak_fraction"].get(k, 0) for k in ("ditx", "ditx compiled"))
+        parts.append(f"≥{100 * peak:.0f}% peak: {'met' if got >= peak else 'not met'}")
+    return "; ".join(parts) or "—"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="DiT-S/2 only, 3 repeats")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument("--quick", action="store_true", help="DiT-S/2 at 32×32 only, 3 repeats")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step.json)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate (DiT-B/2 rows)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
-    presets = ["DiT-S/2"] if args.quick else ["DiT-S/2", "DiT-B/2"]
-    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    peaks = matmul_peaks()
+    print(f"matmul peak (2048^3, this run): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
+          flush=True)  # fmt: skip
     rows = []
-    for preset in presets:
+    for preset, size, batch in ROWS[:1] if args.quick else ROWS:
         for dtype in (torch.float32, torch.bfloat16):
-            rows.append(run_row(preset, 32, 8, dtype, repeats))
-            r = rows[-1]
+            compile = preset == "DiT-B/2" and not args.no_compile
+            r = run_row(preset, size, batch, dtype, repeats, compile=compile)
+            r["size"] = size
             r["peak_fraction"] = {k: v / peaks[r["dtype"]] for k, v in r["gflop_s"].items()}
-    print(f"matmul peak (2048^3, this run): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
-    print("| model | dtype | ditx ms/sample | diffusers ms/sample | ditx/peer | ditx GFLOP/s | ditx % peak "
-          "| peer % peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            rows.append(r)
+            print(f"{preset} {size}x{size} {r['dtype']}: ditx/peer {r['ratio_ditx_over_peer']:.2f}", flush=True)
+    header = ["model", "dtype", "ditx ms/sample", "diffusers ms/sample", "ditx/peer", "ditx GFLOP/s", "ditx % peak",
+              "peer % peak", "ditx compiled ms/sample (% peak; compile s)", "goal (issue 7)"]  # fmt: skip
+    table = []
     for r in rows:
-        print(f"| {r['preset']} ({r['tokens']} tokens, batch {r['batch']}) | {r['dtype']} | "
-              f"{r['ms_per_sample']['ditx']:.1f} | {r['ms_per_sample']['diffusers']:.1f} | "
-              f"{r['ratio_ditx_over_peer']:.2f} | {r['gflop_s']['ditx']:.0f} | "
-              f"{100 * r['peak_fraction']['ditx']:.0f}% | {100 * r['peak_fraction']['diffusers']:.0f}% |")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "peaks_gflop_s": peaks, "rows": rows}  # fmt: skip
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
+        compiled = "—"
+        if r["compile_s"] is not None:
+            compiled = (f"{r['ms_per_sample']['ditx compiled']:.1f} ({100 * r['peak_fraction']['ditx compiled']:.0f}%; "
+                        f"{r['compile_s']:.0f} s)")  # fmt: skip
+        table.append([f"{r['preset']} ({r['tokens']} tokens, batch {r['batch']})",
+                      r["dtype"] if r["dtype"] == "float32" else "bfloat16 (autocast)",
+                      f"{r['ms_per_sample']['ditx']:.1f}", f"{r['ms_per_sample']['diffusers']:.1f}",
+                      f"{r['ratio_ditx_over_peer']:.2f}", f"{r['gflop_s']['ditx']:.0f}",
+                      f"{100 * r['peak_fraction']['ditx']:.0f}%", f"{100 * r['peak_fraction']['diffusers']:.0f}%",
+                      compiled, goal_text(r)])  # fmt: skip
+    print(markdown_table(header, table))
+    path = write_results("train_step" if not args.quick else "train_step_quick",
+                         {"peaks_gflop_s": peaks, "rows": rows}, args.out)  # fmt: skip
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

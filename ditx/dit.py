@@ -147,16 +147,17 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, grid: Grid, attend: tuple[int, ...] | None = None, mask: Tensor | None = None
     ) -> Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
-        if attend is not None:
-            qkv, sizes, perm = _group(qkv, grid, attend)  # (B*G, n, 3, H, d)
+        b, _, d = x.shape
+        if attend is not None:  # regroup the D-wide tokens, not the 3D-wide qkv (a third of the copying)
+            x, sizes, perm = _group(x, grid, attend)  # (B*G, n, D)
+        bg, n = x.shape[:2]
+        qkv = self.qkv(x).view(bg, n, 3, self.num_heads, self.head_dim)  # (B', n, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', H, n, d)
         out = attention(q, k, v, mask=mask, backend=self.backend)  # (B', H, n, d); mask (n, n)
-        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], d)  # (B', n, D)
+        out = self.proj(out.transpose(1, 2).reshape(bg, n, d))  # (B', n, D)
         if attend is not None:
             out = _ungroup(out, b, sizes, perm)  # (B, N, D)
-        return self.proj(out)
+        return out
 
 
 class CrossAttention(nn.Module):

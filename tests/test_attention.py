@@ -63,14 +63,18 @@ def test_eager_equals_math(shape, masked):
     torch.testing.assert_close(out.float(), math_attention(qb, kb, vb, mask).float(), atol=3e-2, rtol=3e-2)
 
 
-def test_auto_on_cpu_uses_eager_only_for_short_low_precision_sequences():
+def test_auto_on_cpu_uses_eager_only_for_short_low_precision_sequences_in_training():
     if torch.cuda.is_available():
         pytest.skip("CPU policy")
-    short = torch.zeros(1, 1, 64, 8)
-    long = torch.zeros(1, 1, EAGER_MAX_TOKENS + 1, 8)
+    short = torch.zeros(1, 1, 64, 8, requires_grad=True)
+    long = torch.zeros(1, 1, EAGER_MAX_TOKENS + 1, 8, requires_grad=True)
     assert resolve_backend("auto", short) == "sdpa"  # float32: the fused kernel is faster
     assert resolve_backend("auto", short.bfloat16()) == "eager"
     assert resolve_backend("auto", short.bfloat16(), long.bfloat16()) == "sdpa"
+    # no gradients (sampling): the fused forward is faster
+    assert resolve_backend("auto", short.detach().bfloat16()) == "sdpa"
+    with torch.no_grad():
+        assert resolve_backend("auto", short.bfloat16()) == "sdpa"
 
 
 def test_bool_mask_blocks_masked_keys():

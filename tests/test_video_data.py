@@ -528,3 +528,19 @@ def test_image_frames_append_single_frames_of_other_videos(tmp_path, cache):
         ds.cache_variants(0)
     with pytest.raises(ValueError, match="image_frames must be an integer >= 0"):
         folder(tmp_path, cache, image_frames=-1)
+
+
+@pytest.mark.parametrize("shape", [(3, 240, 320), (2, 33, 47), (2, 300, 200)])
+def test_uint8_resize_matches_the_float_reference_to_one_grey_level(shape):
+    """The fast uint8 resize (+ centre crop) against the same resize done in float32."""
+    t, h, w = shape
+    frames = np.random.default_rng(0).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    got = video_data.resize_center_crop(frames, 24)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).double()
+    s = 24 / min(h, w)
+    new = (24, max(24, round(w * s))) if h <= w else (max(24, round(h * s)), 24)
+    ref = torch.nn.functional.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new[0] - 24) // 2, (new[1] - 24) // 2
+    ref = ref[:, :, top : top + 24, left : left + 24].permute(1, 0, 2, 3).clamp(0, 255) / 127.5 - 1
+    assert got.shape == (3, t, 24, 24) and got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() <= 1.0 / 127.5 + 1e-6

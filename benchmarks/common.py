@@ -1,0 +1,165 @@
+"""Shared pieces of the benchmark scripts: the matmul peak, alternating timing, peak memory, tables, JSON.
+
+Every script times ditx and its peer in the same process, alternating, after warm-up, and
+reports medians (``alternate``); peak memory is measured in a fresh child process per
+candidate (``peak_memory_mb``), since a CPU process has no allocator statistics to reset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.flop_counter as flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n×n×n matrix product in ``dtype`` (median of ``repeats``, after warm-up)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - tic)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def matmul_peaks() -> dict[str, float]:
+    """{"float32": GFLOP/s, "bfloat16": GFLOP/s} measured now, in this process."""
+    return {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+
+
+def alternate(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each candidate, run in turn ``repeats`` times after ``warmup`` calls each.
+
+    Alternating makes machine noise (frequency, other processes) hit every candidate alike,
+    so the ratios are steadier than the absolute times.
+    """
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            tic = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MB."""
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since start (or the last ``reset_peak_rss``), MB."""
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (Linux: writing 5 to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure_growth(fn: Callable[[], Any]) -> float:
+    """Peak resident-memory growth (MB) while ``fn`` runs, over what was resident before."""
+    import gc
+
+    gc.collect()
+    before = rss_mb()
+    reset_peak_rss()
+    fn()
+    return peak_rss_mb() - before
+
+
+def peak_memory_mb(script: str, args: Sequence[str], timeout: float = 600) -> float:
+    """Run ``python script *args`` in a fresh process; it prints ``PEAK_MB <number>`` as its last such line."""
+    env = dict(os.environ)
+    # fixed malloc thresholds: freed blocks go back to the OS, so RSS follows the live tensors
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    done = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe {script} {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PEAK_MB ")]
+    if not lines:
+        raise RuntimeError(f"memory probe {script} {' '.join(args)} printed no PEAK_MB line:\n{done.stdout[-2000:]}")
+    return float(lines[-1].split()[1])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, doc: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Write ``doc`` with the machine description to results/<name>.json (atomically); return the path."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **doc}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _cpu_flash_fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(q, k, v)
+
+
+def _cpu_flash_bwd(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+# torch's flop counter knows the CUDA flash/efficient kernels but not the CPU one SDPA runs here
+CPU_SDPA_FLOPS = {
+    getattr(torch.ops.aten, name): fn
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_fwd),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_bwd))
+    if hasattr(torch.ops.aten, name)
+}  # fmt: skip
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (torch.utils.flop_counter, CPU SDPA included)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
