@@ -132,7 +132,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_results(name: str, doc: dict[str, Any], out: str | Path | None = None) -> Path:
-    """Write ``doc`` with the machine description to results/<name>.json (atomically); return the path."""
+    """Write ``doc`` with the machine description to results/<name>.json (atomically); return the path.
+
+    A ``--quick`` run writes results/<name>_quick.json, so it never replaces the full numbers.
+    """
+    if "--quick" in sys.argv[1:] and not name.endswith("_quick"):
+        name += "_quick"
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
