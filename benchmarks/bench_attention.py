@@ -199,9 +199,8 @@ def main() -> None:
                   "met": goals},
         "rows": rows,
     }  # fmt: skip
-    if mode_name == "smoke" and args.out is None:
-        return  # smoke numbers never overwrite the results file
-    print(f"wrote {write_results('attention', doc, args.out)}")
+    if path := write_results("attention", doc, args.out):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -357,9 +357,9 @@ def main() -> None:
     print(markdown_table(["step", "ms/step", "÷ backbone", "goal"], rows))
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    out = args.out or (Path(tempfile.gettempdir()) / "ditx-bench-data-smoke.json" if args.smoke else None)
     doc = {"mode": mode, "clip_loading": clips, "dataloader": loader, "latent_cache": cache}
-    print(f"\nwrote {write_results('data', doc, out)}")
+    if path := write_results("data", doc, args.out):
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

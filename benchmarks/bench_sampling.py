@@ -281,11 +281,8 @@ def main() -> None:
         "goal_speedup": GOAL, "peaks_gflop_s": peaks, "same_weights_check": check,
         "transformer_gflop_per_call": flops / 1e9, "rows": rows, "wall_s": time.perf_counter() - tic,
     }  # fmt: skip
-    if args.smoke and args.out is None:
-        print(f"smoke run: {doc['wall_s']:.1f} s, no results written (pass --out)")
-        return
-    path = write_results("sampling_quick" if args.quick else "sampling", doc, args.out)
-    print(f"wrote {path} ({doc['wall_s']:.0f} s)")
+    if path := write_results("sampling", doc, args.out):
+        print(f"wrote {path} ({doc['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

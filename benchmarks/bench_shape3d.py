@@ -294,9 +294,9 @@ def main() -> None:
     print(markdown_table(["candidate", "queries s", "meshing s", "total s", "peak growth MB", "faces"], rows))
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    out = args.out or (Path(tempfile.gettempdir()) / "ditx-bench-shape3d-smoke.json" if args.smoke else None)
     doc = {"mode": mode, "occupancy": occ, "marching_cubes": mc, "elapsed_s": elapsed}
-    print(f"\nwrote {write_results('shape3d', doc, out)}")
+    if path := write_results("shape3d", doc, args.out):
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -135,9 +135,7 @@ def main() -> None:
                       f"{100 * r['peak_fraction']['ditx']:.0f}%", f"{100 * r['peak_fraction']['diffusers']:.0f}%",
                       compiled, goal_text(r)])  # fmt: skip
     print(markdown_table(header, table))
-    path = write_results("train_step" if not args.quick else "train_step_quick",
-                         {"peaks_gflop_s": peaks, "rows": rows}, args.out)  # fmt: skip
-    print(f"wrote {path}")
+    print(f"wrote {write_results('train_step', {'peaks_gflop_s': peaks, 'rows': rows}, args.out)}")
 
 
 if __name__ == "__main__":

@@ -231,9 +231,8 @@ def main() -> None:
         "peaks_gflop_s": peaks, "gflop_per_step": {k: v / 1e9 for k, v in flops.items()}, "params": params,
         "goals": {"speedup": SPEED_GOALS, "memory_ratio": MEMORY_GOAL}, "rows": rows,
     }  # fmt: skip
-    if mode == "smoke" and args.out is None:
-        return  # smoke numbers never overwrite the results file
-    print(f"wrote {write_results('video_step', doc, args.out)}")
+    if path := write_results("video_step", doc, args.out):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -131,11 +131,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, doc: dict[str, Any], out: str | Path | None = None) -> Path:
+def write_results(name: str, doc: dict[str, Any], out: str | Path | None = None) -> Path | None:
     """Write ``doc`` with the machine description to results/<name>.json (atomically); return the path.
 
-    A ``--quick`` run writes results/<name>_quick.json, so it never replaces the full numbers.
+    A ``--quick`` run writes results/<name>_quick.json, so it never replaces the full numbers;
+    a ``--smoke`` run (tiny sizes, to test a script) writes only to an explicit ``out``.
     """
+    if out is None and "--smoke" in sys.argv[1:]:
+        print("smoke run: no results written (pass --out)")
+        return None
     if "--quick" in sys.argv[1:] and not name.endswith("_quick"):
         name += "_quick"
     path = Path(out) if out else RESULTS / f"{name}.json"
