@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import alternate, markdown_table, measure_growth, peak_memory_mb, write_results
+from common import alternate, fmt_mb, markdown_table, measure_growth, peak_memory_mb, write_results
 
 from ditx.attention import attention, resolve_backend
 
@@ -96,12 +96,6 @@ def probe_memory(cfg: Config, n: int, backend: str, mode: str, dtype: torch.dtyp
     make_call(cfg, min(n, WARMUP_TOKENS), backend, mode, dtype)()
     call = make_call(cfg, n, backend, mode, dtype)
     print(f"PEAK_MB {measure_growth(call):.1f}")
-
-
-def fmt_mb(mb: float | None) -> str:
-    if mb is None:
-        return "—"
-    return f"{mb:,.0f}" if abs(mb) >= 10 else f"{mb:.1f}"
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ import torch
 from common import (
     alternate,
     count_flops,
+    fmt_mb,
     markdown_table,
     matmul_peaks,
     measure_growth,
@@ -144,10 +145,6 @@ def probe_memory(cfg: Config, name: str, dtype: str, checkpointing: bool) -> Non
     step, _ = make_step(name, cfg, DTYPES[dtype], checkpointing)
     step()
     print(f"PEAK_MB {measure_growth(step):.1f}")
-
-
-def fmt_mb(mb: float) -> str:
-    return f"{mb:,.0f}" if abs(mb) >= 10 else f"{mb:.1f}"
 
 
 def goal_cell(value: float, goal: float, higher_is_better: bool) -> str:

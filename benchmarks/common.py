@@ -125,6 +125,13 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
+def fmt_mb(mb: float | None) -> str:
+    """A memory figure for a table: "—" when not measured, 1 decimal under 10 MB."""
+    if mb is None:
+        return "—"
+    return f"{mb:,.0f}" if abs(mb) >= 10 else f"{mb:.1f}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

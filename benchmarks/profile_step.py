@@ -15,7 +15,6 @@ Writes benchmarks/results/profile_<model>_<dtype>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 from collections import defaultdict
 
@@ -45,16 +44,21 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def build(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple]:
-    torch.manual_seed(0)
+def build_step(args: argparse.Namespace):
+    """The training step the benchmark tables time: bench_video_step's or bench_train_step's."""
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     if args.video:
-        model = build_dit(tokenizer="tubelet", in_channels=4, out_channels=8, patch_size=2, depth=12,
-                          hidden_size=384, num_heads=6, layout="spatial-temporal", num_classes=101)  # fmt: skip
-        x = torch.randn(1, 4, 16, 32, 32)
-        return model, (x, torch.rand(1) * 999, torch.randint(0, 101, (1,)))
-    model = build_dit(args.model, in_channels=4, num_classes=1000)
+        from bench_video_step import CONFIGS
+        from bench_video_step import make_step as video_step
+
+        return video_step("ditx", CONFIGS["full"], dtype)[0]
+    from bench_train_step import make_step
+
+    torch.manual_seed(0)
+    model = build_dit(args.model, in_channels=4, num_classes=1000).train()
     x = torch.randn(args.batch, 4, args.size, args.size)
-    return model, (x, torch.rand(args.batch) * 999, torch.randint(0, 1000, (args.batch,)))
+    t, y = torch.rand(args.batch) * 999, torch.randint(0, 1000, (args.batch,))
+    return make_step(model, lambda m, x, t, y: m(x, t, y), x, t, y, dtype)
 
 
 def main() -> None:
@@ -66,17 +70,7 @@ def main() -> None:
     parser.add_argument("--video", action="store_true", help="the video row instead of an image preset")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    model, inputs = build(args)
-    model.train()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
-
-    def step() -> None:
-        with autocast:
-            out = model(*inputs)
-        loss = torch.nn.functional.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    step = build_step(args)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
