@@ -3,7 +3,8 @@
 Joint (full) self-attention over 1,024, 4,096 and 16,384 tokens, batch 1, 6 heads of 64
 dims (the DiT-S width), float32 by default: ``ditx.attention.attention(q, k, v, backend=...)``
 with ``sdpa`` (torch's fused CPU flash kernel), ``auto`` (what DiT blocks use; the table
-shows the backend it resolves to) and ``math`` (softmax(q kᵀ/√d) v written out in float32,
+shows the backend it resolves to, and when that is one of the others it is not timed twice:
+its row repeats that backend's run) and ``math`` (softmax(q kᵀ/√d) v written out in float32,
 with the full N×N score matrix).
 
 For each length the backends run in the same process, alternating, after warm-up (median):
@@ -125,21 +126,30 @@ def main() -> None:
     rows = []
     for n in cfg.sizes:
         probe = torch.empty(cfg.batch, cfg.heads, n, cfg.head_dim, dtype=dtype)
-        resolved = {b: resolve_backend(b, probe) for b in BACKENDS}
         ms: dict[str, dict[str, float | None]] = {b: {} for b in BACKENDS}
         memory: dict[str, dict[str, float | None]] = {b: {} for b in BACKENDS}
+        resolved_in: dict[str, str] = {}
         for mode in MODES:
+            with torch.set_grad_enabled(mode == "fwd+bwd"):  # what auto picks depends on whether grads are needed
+                auto = resolve_backend("auto", probe.requires_grad_(mode == "fwd+bwd"))
             run = [b for b in BACKENDS if b != "math" or math_estimate_gb(cfg, n, mode) <= args.math_budget_gb]
+            if auto in run:  # auto runs that very backend: time it once
+                run.remove("auto")
             calls = {b: make_call(cfg, n, b, mode, dtype) for b in run}
             med = alternate(calls, cfg.repeats_for(n), warmup=1)
             del calls
+            if "auto" not in run:
+                med["auto"] = med.get(auto)
             for b in BACKENDS:
-                ms[b][mode] = 1e3 * med[b] if b in med else None
+                ms[b][mode] = 1e3 * med[b] if med.get(b) is not None else None
                 memory[b][mode] = (
                     peak_memory_mb(script, ["--memory-of", b, "--tokens", str(n), "--mode", mode,
                                             "--dtype", args.dtype, *flags])
                     if b in run else None
                 )  # fmt: skip
+            if "auto" not in run:
+                memory["auto"][mode] = memory[auto][mode]
+            resolved_in[mode] = auto
             print(f"{n} tokens, {mode}: " + ", ".join(f"{b} {med[b] * 1e3:.1f} ms" for b in run), flush=True)
         flop = 4 * cfg.batch * cfg.heads * n * n * cfg.head_dim
         for b in BACKENDS:
@@ -149,7 +159,8 @@ def main() -> None:
             }
             fwd_gflop_s = flop / ms[b]["fwd"] / 1e6 if ms[b]["fwd"] is not None else None
             estimate = {m: math_estimate_gb(cfg, n, m) for m in MODES} if b == "math" else None
-            rows.append({"tokens": n, "backend": b, "resolved": resolved[b], "ms": ms[b], "speedup_vs_math": speedup,
+            resolved_b = resolved_in if b == "auto" else {m: b for m in MODES}
+            rows.append({"tokens": n, "backend": b, "resolved": resolved_b, "ms": ms[b], "speedup_vs_math": speedup,
                          "fwd_gflop_s": fwd_gflop_s, "peak_memory_mb": memory[b],
                          "math_estimate_gb": estimate})  # fmt: skip
 
@@ -160,7 +171,8 @@ def main() -> None:
               "fwd+bwd × vs math", "fwd+bwd MB"]  # fmt: skip
     table = []
     for r in rows:
-        label = r["backend"] if r["backend"] == r["resolved"] else f"{r['backend']} (→ {r['resolved']})"
+        picks = sorted(set(r["resolved"].values()))
+        label = r["backend"] if picks == [r["backend"]] else f"{r['backend']} (→ {' / '.join(picks)}: same run)"
         table.append([
             f"{r['tokens']:,}", label, cell(r["ms"]["fwd"], ".1f"), cell(r["speedup_vs_math"]["fwd"], ".1f"),
             cell(r["fwd_gflop_s"], ".0f"), fmt_mb(r["peak_memory_mb"]["fwd"]), cell(r["ms"]["fwd+bwd"], ".1f"),

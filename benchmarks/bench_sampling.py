@@ -25,19 +25,25 @@ frequencies by 1/127 instead of the official 1/128, a different function at the 
 Every run first checks one fp32 forward of both transformers on the same input (max abs
 difference < 1e-4) and a 2-step sampling run of both pipelines from the same noise.
 
-Timing: a 2-step warm-up call of each candidate, then the full calls alternating
-(``common.alternate``), median per candidate. The table gives samples/s and the speed-up
+Timing: a 2-step warm-up call of each candidate, then the calls alternating
+(``common.alternate``), median per candidate. By default the 50-step call is not run whole:
+a call costs ``fixed + steps × per_step`` (every DDIM step is the same guided forward on
+the same batch; ``fixed`` is noise, set-up and the VAE decode), so 10-step and 1-step calls
+are timed and the 50-step time is ``T(10) + 40 × (T(10) − T(1)) / 9`` per candidate
+(``--timed-steps 0`` times whole 50-step calls instead; on 2026-11-26 the two agreed within
+a few percent, see benchmarks/README.md). The table gives samples/s and the speed-up
 ditx ÷ diffusers in samples/s (> 1: ditx faster), against the goal ≥ 1.2×, and the
 transformer's FLOPs (counted once with torch.utils.flop_counter) per second as a fraction of
 the matmul peak measured in this run.
 
-    python benchmarks/bench_sampling.py              # batch 16, 50 steps, fp32 + bf16, 1 timed call each (~5 min)
-    python benchmarks/bench_sampling.py --repeats 3  # the same, median of 3 (~14 min on 2 cores)
+    python benchmarks/bench_sampling.py              # batch 16, 50 steps from 10- and 1-step calls (~2 min)
+    python benchmarks/bench_sampling.py --timed-steps 0             # whole 50-step calls, 1 each (~5 min)
+    python benchmarks/bench_sampling.py --timed-steps 0 --repeats 3 # the same, median of 3 (~14 min on 2 cores)
     python benchmarks/bench_sampling.py --quick      # batch 4, 10 steps, median of 2 (< 1 min)
 
 The full configuration is ~1.1 TFLOP of transformer work per sample (50 steps × 2 forwards),
 ~17 TFLOP per call: about 100 s per fp32 call and 40 s per bf16 call on 2 idle cores, hence
-one timed call per candidate and dtype by default (~4.6 min of sampling, ~5 min in all).
+the extrapolation from shorter calls by default.
 Writes benchmarks/results/sampling.json (``--quick``: sampling_quick.json).
 """
 
@@ -217,6 +223,26 @@ def transformer_flops(model: DiT) -> float:
                                                torch.tensor([0, NUM_CLASSES]))))  # fmt: skip
 
 
+def time_calls(c: Candidates, dtype: str, batch: int, steps: int, timed: int, repeats: int):
+    """Seconds per ``steps``-step call of each candidate, and the calls actually timed.
+
+    ``timed`` = 0: whole calls. Otherwise ``timed``- and 1-step calls, alternating, and
+    ``T(steps) = T(timed) + (steps - timed) * (T(timed) - T(1)) / (timed - 1)``.
+    """
+    names = ("ditx", "diffusers")
+    if not timed:
+        calls = {n: (lambda n=n: c.run(n, dtype, batch, steps)) for n in names}
+        med = alternate(calls, repeats, warmup=0)
+        return med, {f"{n} {steps} steps": s for n, s in med.items()}
+    calls = {f"{n} {k} steps": (lambda n=n, k=k: c.run(n, dtype, batch, k)) for n in names for k in (timed, 1)}
+    measured = alternate(calls, repeats, warmup=0)
+    med = {}
+    for n in names:
+        long, one = measured[f"{n} {timed} steps"], measured[f"{n} 1 steps"]
+        med[n] = long + (steps - timed) * (long - one) / (timed - 1)
+    return med, measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 4, 10 steps, median of 2")
@@ -224,6 +250,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="samples per call (default 16; --quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --quick 10)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per candidate (default 1; --quick 2)")
+    parser.add_argument(
+        "--timed-steps",
+        type=int,
+        default=None,
+        help="time calls of this many steps and of 1 step and extrapolate to --steps "
+        "(default 10 for the full run; 0: time whole --steps calls)",
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--out", default=None, help="results JSON (default results/sampling[_quick].json)")
     args = parser.parse_args()
@@ -234,6 +267,8 @@ def main() -> None:
     else:
         depth, batch, steps, repeats = None, 16, 50, 1
     batch, steps, repeats = args.batch or batch, args.steps or steps, args.repeats or repeats
+    timed = (10 if not (args.smoke or args.quick) else 0) if args.timed_steps is None else args.timed_steps
+    timed = timed if 1 < timed < steps else 0  # 0: whole calls
 
     tic = time.perf_counter()
     if args.smoke:
@@ -247,11 +282,10 @@ def main() -> None:
     for dtype in args.dtypes:
         for name in ("ditx", "diffusers"):  # warm-up: same shapes, 2 steps
             c.run(name, dtype, batch, 2)
-        calls = {n: (lambda n=n, d=dtype: c.run(n, d, batch, steps)) for n in ("ditx", "diffusers")}
-        med = alternate(calls, repeats, warmup=0)
+        med, measured = time_calls(c, dtype, batch, steps, timed, repeats)
         sps = {n: batch / s for n, s in med.items()}
         rows.append({
-            "dtype": dtype, "seconds_per_call": med, "samples_per_s": sps,
+            "dtype": dtype, "seconds_per_call": med, "measured_calls_s": measured, "samples_per_s": sps,
             "speedup_ditx_over_peer": sps["ditx"] / sps["diffusers"],
             "transformer_gflop_s": {n: flops / s / 1e9 for n, s in med.items()},
             "peak_fraction": {n: flops / s / 1e9 / peaks[dtype] for n, s in med.items()},
@@ -261,7 +295,12 @@ def main() -> None:
     model_name = PRESET if depth is None else f"{PRESET} depth {depth}"
     config = f"{model_name}, {tokens} tokens, batch {batch}, DDIM {steps} steps, CFG {GUIDANCE}"
     print(f"matmul peak (this run): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
-    print(f"speed-up = ditx samples/s ÷ diffusers samples/s (> 1: ditx faster); median of {repeats} call(s)")
+    how = (
+        f"median of {repeats} call(s)"
+        if not timed
+        else (f"{steps}-step time from {timed}- and 1-step calls (median of {repeats}): fixed + {steps} × per step")
+    )
+    print(f"speed-up = ditx samples/s ÷ diffusers samples/s (> 1: ditx faster); {how}")
     header = ["config", "dtype", "ditx samples/s", "diffusers samples/s", "speed-up (ditx ÷ peer)", "goal",
               "ditx % peak", "peer % peak"]  # fmt: skip
     table = [
@@ -276,7 +315,8 @@ def main() -> None:
     doc = {
         "config": {"preset": PRESET, "depth": len(c.model.blocks), "latent": list(LATENT), "tokens": tokens,
                    "num_classes": NUM_CLASSES, "learn_sigma": True, "batch": batch, "scheduler": "ddim",
-                   "steps": steps, "guidance_scale": GUIDANCE, "vae": VAE_CONFIG, "repeats": repeats,
+                   "steps": steps, "timed_steps": timed or steps, "guidance_scale": GUIDANCE, "vae": VAE_CONFIG,
+                   "repeats": repeats,
                    "mode": "smoke" if args.smoke else "quick" if args.quick else "full"},
         "goal_speedup": GOAL, "peaks_gflop_s": peaks, "same_weights_check": check,
         "transformer_gflop_per_call": flops / 1e9, "rows": rows, "wall_s": time.perf_counter() - tic,

@@ -13,7 +13,7 @@ a. **Occupancy labels.** A torus of 20,480 faces (``trimesh.creation.torus``, 16
 b. **Marching cubes from a decoder.** A ``triplane-ae`` with the ``shape3d/triplane-shapenet``
    recipe's sizes (32² planes of 8 channels, decoder width 128) and random weights; a random
    latent. The field handed to ``extract_mesh`` is the decoder's occupancy logit at every
-   grid point (decoder planes computed once per call, then ``query`` on each chunk of 262,144
+   grid point (decoder planes computed once per call, then ``query`` on each chunk of 16,384
    points), scaled to ±0.1 and added to a torus's signed distance, so that the surface is one
    closed, slightly rough torus (a random decoder alone gives no meaningful surface); the
    decoder does all of its work. ``extract_mesh`` is ``evaluate_grid`` (the chunked queries)
@@ -58,7 +58,7 @@ from common import alternate, markdown_table, measure_growth, peak_memory_mb, wr
 
 # the triplane-shapenet recipe's autoencoder sizes
 AE_ARGS = {"resolution": 32, "latent_channels": 8, "width": 128, "decoder_width": 128, "variational": True}
-CHUNK = 262144  # extract_mesh's default and the recipe's chunk_size
+CHUNK = 16384  # extract_mesh's default and the recipe's chunk_size
 
 
 @dataclass

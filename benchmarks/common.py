@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.utils.flop_counter as flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).parent / "results"
@@ -172,6 +173,59 @@ CPU_SDPA_FLOPS = {
                      ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_bwd))
     if hasattr(torch.ops.aten, name)
 }  # fmt: skip
+
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+class _RecordGemms(TorchDispatchMode):
+    """Records the matrix products a call runs: (op, [(shape, stride, dtype) or value, ...], kwargs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = {getattr(torch.ops.aten, name).default for name in GEMM_OPS}
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in self.ops:
+            spec = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, spec, kwargs))
+        return func(*args, **kwargs)
+
+
+def gemm_ceiling(fn: Callable[[], Any], repeats: int = 3) -> dict[str, float]:
+    """The matrix products of one call of ``fn``, replayed alone: what the call would cost if nothing else did.
+
+    Every mm/addmm/bmm/baddbmm ``fn`` runs (after autocast, so in the dtype it really ran)
+    is recorded with its shapes and strides, then replayed on random tensors of the same
+    layout, back to back (median of ``repeats`` after one warm-up). Returns the replay's
+    seconds and GFLOP; ``step FLOPs / seconds`` is the best GFLOP/s the call could reach
+    on this machine's GEMM kernels at these shapes, i.e. with every other op free. Attention
+    run by SDPA's fused kernel is not a GEMM here, so it counts as free (an upper bound).
+    """
+    recorder = _RecordGemms()
+    with recorder:
+        fn()
+
+    def make(spec: Any) -> Any:
+        if isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[1], tuple):
+            shape, stride, dtype = spec
+            return torch.empty_strided(shape, stride, dtype=dtype).uniform_(-1, 1)
+        return spec
+
+    replay = [(func, [make(a) for a in spec], kwargs) for func, spec, kwargs in recorder.calls]
+    flops = 0
+    for _, args, _ in replay:
+        a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
+        flops += 2 * a.numel() * b.shape[-1]
+
+    def run() -> None:
+        for func, args, kwargs in replay:
+            func(*args, **kwargs)
+
+    seconds = alternate({"gemms": run}, repeats)["gemms"]
+    return {"seconds": seconds, "gflop": flops / 1e9, "calls": len(replay)}
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
