@@ -60,7 +60,7 @@ class Config:
 
 
 CONFIGS = {
-    "full": Config(sizes=(1024, 4096, 16384), heads=6, head_dim=64, repeats=5, long_repeats=2),
+    "full": Config(sizes=(1024, 4096, 16384), heads=6, head_dim=64, repeats=5, long_repeats=1),
     "quick": Config(sizes=(1024, 4096), heads=6, head_dim=64, repeats=3, long_repeats=1),
     "smoke": Config(sizes=(64, 512), heads=2, head_dim=16, repeats=1, long_repeats=1),
 }

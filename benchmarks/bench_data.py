@@ -83,10 +83,10 @@ class Sizes:
     stride: int = 3
     size: int = 256
     loader_batch: int = 4
-    repeats: int = 3
+    repeats: int = 2
     cache_items: int = 256  # moving-digits training clips cached
     cache_batch: int = 32  # the recipe's train.batch_size
-    step_repeats: int = 3
+    step_repeats: int = 2
 
 
 QUICK = Sizes(clips=12, repeats=2, cache_items=96, cache_batch=16, step_repeats=2)

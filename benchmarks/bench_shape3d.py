@@ -20,16 +20,16 @@ b. **Marching cubes from a decoder.** A ``triplane-ae`` with the ``shape3d/tripl
    then ``mesh_from_grid`` (padding, skimage's Lewiner marching cubes, trimesh's vertex merge,
    outward orientation); the two phases are timed separately, at 128³ and 256³:
 
-   - per resolution, a fresh child process (``common.peak_memory_mb``) runs the two calls
-     once and reports the peak memory growth of the whole extraction, the phases' times
-     and the grid;
+   - per resolution, a fresh child process (``common.peak_memory_mb``, with glibc's default
+     malloc settings, as a user's process) runs the two calls once and reports the peak
+     memory growth of the whole extraction, the phases' times and the grid;
    - the queries at 128³ are also timed in this process (median of 2, after a 32³ warm-up);
-     those at 256³ (about a minute) only in the child, once;
+     those at 256³ (about half a minute) only in the child, once;
    - ``mesh_from_grid`` and the reference, ``skimage.measure.marching_cubes`` alone, alternate
      in this process on the child's grid (median of 3, after warm-up); the reference's
      peak memory growth on the largest grid is measured in another fresh child.
 
-    python benchmarks/bench_shape3d.py            # 100k vs 5k points; 128³ and 256³ (~3 min on 2 cores)
+    python benchmarks/bench_shape3d.py            # 100k vs 5k points; 128³ and 256³ (~1.5 min on 2 cores)
     python benchmarks/bench_shape3d.py --quick    # 20k vs 1k points; 64³ and 128³ (~1 min)
 
 Writes benchmarks/results/shape3d.json.
@@ -185,8 +185,9 @@ def bench_extract(s: Sizes, tmp: Path) -> list[dict[str, Any]]:
     for r, repeats in zip(s.resolutions, s.grid_repeats):
         # a fresh child: peak memory of the whole extraction, its phase times, and the grid
         grid_file, times_file = tmp / f"grid_{r}.npy", tmp / f"times_{r}.json"
+        # default malloc: the child also times the 256³ queries, as a user's process would run them
         peak = peak_memory_mb(script, ["--memory-of", "extract", "--resolution", str(r), "--grid", str(grid_file),
-                                       "--times", str(times_file)])  # fmt: skip
+                                       "--times", str(times_file)], tight_malloc=False)  # fmt: skip
         child = json.loads(times_file.read_text())
         values = np.load(grid_file)
         row: dict[str, Any] = {"resolution": r, "points": r**3, "chunk_size": CHUNK, "extract_mesh_peak_mb": peak}

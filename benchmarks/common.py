@@ -95,12 +95,17 @@ def measure_growth(fn: Callable[[], Any]) -> float:
     return peak_rss_mb() - before
 
 
-def peak_memory_mb(script: str, args: Sequence[str], timeout: float = 600) -> float:
-    """Run ``python script *args`` in a fresh process; it prints ``PEAK_MB <number>`` as its last such line."""
+def peak_memory_mb(script: str, args: Sequence[str], timeout: float = 600, tight_malloc: bool = True) -> float:
+    """Run ``python script *args`` in a fresh process; it prints ``PEAK_MB <number>`` as its last such line.
+
+    ``tight_malloc``: fixed glibc malloc thresholds, so that freed blocks go back to the OS
+    and RSS follows the live tensors; every large op then faults in fresh pages, so time
+    measured in such a child is pessimistic. Without it the child runs as a user's process.
+    """
     env = dict(os.environ)
-    # fixed malloc thresholds: freed blocks go back to the OS, so RSS follows the live tensors
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    if tight_malloc:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
     done = subprocess.run(
         [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
