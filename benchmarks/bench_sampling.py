@@ -236,11 +236,14 @@ def time_calls(c: Candidates, dtype: str, batch: int, steps: int, timed: int, re
         return med, {f"{n} {steps} steps": s for n, s in med.items()}
     calls = {f"{n} {k} steps": (lambda n=n, k=k: c.run(n, dtype, batch, k)) for n in names for k in (timed, 1)}
     measured = alternate(calls, repeats, warmup=0)
-    med = {}
-    for n in names:
-        long, one = measured[f"{n} {timed} steps"], measured[f"{n} 1 steps"]
-        med[n] = long + (steps - timed) * (long - one) / (timed - 1)
+    med = {n: extrapolate(measured[f"{n} {timed} steps"], measured[f"{n} 1 steps"], timed, steps) for n in names}
     return med, measured
+
+
+def extrapolate(t_timed: float, t_one: float, timed: int, steps: int) -> float:
+    """Seconds of a ``steps``-step call from a ``timed``-step and a 1-step call, as ``fixed + k × per_step``."""
+    per_step = (t_timed - t_one) / (timed - 1)
+    return t_timed + (steps - timed) * per_step
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ class Config:
 
 
 CONFIGS = {
-    "full": Config(frames=16, size=32, depth=12, width=384, heads=6, repeats=3),
+    "full": Config(frames=16, size=32, depth=12, width=384, heads=6, repeats=2),
     "quick": Config(frames=8, size=32, depth=12, width=384, heads=6, repeats=3),
     "smoke": Config(frames=2, size=8, depth=2, width=64, heads=2, repeats=1),
 }

@@ -26,8 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode
 RESULTS = Path(__file__).parent / "results"
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n×n×n matrix product in ``dtype`` (median of ``repeats``, after warm-up)."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    """GFLOP/s of an n×n×n matrix product in ``dtype``: the best of ``repeats``, after warm-up.
+
+    The best, not the median: it is the ceiling the model steps are compared against, and on
+    a shared machine a median of a few 2048³ products moved by ±15% from run to run.
+    """
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -36,7 +40,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
         tic = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - tic)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / min(times) / 1e9
 
 
 def matmul_peaks() -> dict[str, float]:
