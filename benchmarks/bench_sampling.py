@@ -28,15 +28,15 @@ difference < 1e-4) and a 2-step sampling run of both pipelines from the same noi
 Timing: a 2-step warm-up call of each candidate, then the calls alternating
 (``common.alternate``), median per candidate. By default the 50-step call is not run whole:
 a call costs ``fixed + steps × per_step`` (every DDIM step is the same guided forward on
-the same batch; ``fixed`` is noise, set-up and the VAE decode), so 10-step and 1-step calls
-are timed and the 50-step time is ``T(10) + 40 × (T(10) − T(1)) / 9`` per candidate
+the same batch; ``fixed`` is noise, set-up and the VAE decode), so 6-step and 1-step calls
+are timed and the 50-step time is ``T(6) + 44 × (T(6) − T(1)) / 5`` per candidate
 (``--timed-steps 0`` times whole 50-step calls instead; on 2026-11-26 the two agreed within
 a few percent, see benchmarks/README.md). The table gives samples/s and the speed-up
 ditx ÷ diffusers in samples/s (> 1: ditx faster), against the goal ≥ 1.2×, and the
 transformer's FLOPs (counted once with torch.utils.flop_counter) per second as a fraction of
 the matmul peak measured in this run.
 
-    python benchmarks/bench_sampling.py              # batch 16, 50 steps from 10- and 1-step calls (~2 min)
+    python benchmarks/bench_sampling.py              # batch 16, 50 steps from 6- and 1-step calls (~1.5 min)
     python benchmarks/bench_sampling.py --timed-steps 0             # whole 50-step calls, 1 each (~5 min)
     python benchmarks/bench_sampling.py --timed-steps 0 --repeats 3 # the same, median of 3 (~14 min on 2 cores)
     python benchmarks/bench_sampling.py --quick      # batch 4, 10 steps, median of 2 (< 1 min)
@@ -258,7 +258,7 @@ def main() -> None:
         type=int,
         default=None,
         help="time calls of this many steps and of 1 step and extrapolate to --steps "
-        "(default 10 for the full run; 0: time whole --steps calls)",
+        "(default 6 for the full run; 0: time whole --steps calls)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--out", default=None, help="results JSON (default results/sampling[_quick].json)")
@@ -270,7 +270,7 @@ def main() -> None:
     else:
         depth, batch, steps, repeats = None, 16, 50, 1
     batch, steps, repeats = args.batch or batch, args.steps or steps, args.repeats or repeats
-    timed = (10 if not (args.smoke or args.quick) else 0) if args.timed_steps is None else args.timed_steps
+    timed = (6 if not (args.smoke or args.quick) else 0) if args.timed_steps is None else args.timed_steps
     timed = timed if 1 < timed < steps else 0  # 0: whole calls
 
     tic = time.perf_counter()
