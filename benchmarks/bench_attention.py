@@ -33,7 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import alternate, fmt_mb, markdown_table, measure_growth, peak_memory_mb, write_results
+from common import (
+    MODE_FLAGS,
+    alternate,
+    fmt_mb,
+    markdown_table,
+    measure_growth,
+    peak_memory_mb,
+    run_mode,
+    write_results,
+)
 
 from ditx.attention import attention, resolve_backend
 
@@ -111,7 +120,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, default="fwd", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode_name = run_mode(args)
     cfg = CONFIGS[mode_name]
     dtype = DTYPES[args.dtype]
     if args.memory_of:
@@ -122,7 +131,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; math skipped above ~{args.math_budget_gb:g} GB (estimate)",
           flush=True)  # fmt: skip
     script = str(Path(__file__).resolve())
-    flags = {"smoke": ["--smoke"], "quick": ["--quick"], "full": []}[mode_name]
+    flags = MODE_FLAGS[mode_name]
     rows = []
     for n in cfg.sizes:
         probe = torch.empty(cfg.batch, cfg.heads, n, cfg.head_dim, dtype=dtype)

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, markdown_table, write_results  # noqa: E402
+from common import alternate, markdown_table, run_mode, write_results  # noqa: E402
 
 
 @dataclass
@@ -356,8 +356,7 @@ def main() -> None:
                          f"{cache['ratio_over_backbone'][k]:.2f}", cache["goal"]])  # fmt: skip
     print(markdown_table(["step", "ms/step", "÷ backbone", "goal"], rows))
 
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    doc = {"mode": mode, "clip_loading": clips, "dataloader": loader, "latent_cache": cache}
+    doc = {"mode": run_mode(args), "clip_loading": clips, "dataloader": loader, "latent_cache": cache}
     if path := write_results("data", doc, args.out):
         print(f"\nwrote {path}")
 

@@ -56,7 +56,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from common import alternate, count_flops, markdown_table, matmul_peak, matmul_peaks, write_results
+from common import alternate, count_flops, markdown_table, matmul_peak, matmul_peaks, run_mode, write_results
 from torch import Tensor, nn
 
 from ditx import build_dit
@@ -320,7 +320,7 @@ def main() -> None:
                    "num_classes": NUM_CLASSES, "learn_sigma": True, "batch": batch, "scheduler": "ddim",
                    "steps": steps, "timed_steps": timed or steps, "guidance_scale": GUIDANCE, "vae": VAE_CONFIG,
                    "repeats": repeats,
-                   "mode": "smoke" if args.smoke else "quick" if args.quick else "full"},
+                   "mode": run_mode(args)},
         "goal_speedup": GOAL, "peaks_gflop_s": peaks, "same_weights_check": check,
         "transformer_gflop_per_call": flops / 1e9, "rows": rows, "wall_s": time.perf_counter() - tic,
     }  # fmt: skip

@@ -54,11 +54,13 @@ import trimesh
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, markdown_table, measure_growth, peak_memory_mb, write_results  # noqa: E402
+from common import alternate, markdown_table, measure_growth, peak_memory_mb, run_mode, write_results  # noqa: E402
+
+from modalities.shape3d.extract import DEFAULT_CHUNK  # noqa: E402
 
 # the triplane-shapenet recipe's autoencoder sizes
 AE_ARGS = {"resolution": 32, "latent_channels": 8, "width": 128, "decoder_width": 128, "variational": True}
-CHUNK = 16384  # extract_mesh's default and the recipe's chunk_size
+CHUNK = DEFAULT_CHUNK  # extract_mesh's default and the recipe's chunk_size
 
 
 @dataclass
@@ -294,8 +296,7 @@ def main() -> None:
                      f"{r['skimage_marching_cubes_s']:.2f}", "" if peak is None else f"{peak:.0f}", ""])  # fmt: skip
     print(markdown_table(["candidate", "queries s", "meshing s", "total s", "peak growth MB", "faces"], rows))
 
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    doc = {"mode": mode, "occupancy": occ, "marching_cubes": mc, "elapsed_s": elapsed}
+    doc = {"mode": run_mode(args), "occupancy": occ, "marching_cubes": mc, "elapsed_s": elapsed}
     if path := write_results("shape3d", doc, args.out):
         print(f"\nwrote {path}")
 

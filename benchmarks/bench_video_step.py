@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    MODE_FLAGS,
     alternate,
     count_flops,
     fmt_mb,
@@ -50,6 +51,7 @@ from common import (
     matmul_peaks,
     measure_growth,
     peak_memory_mb,
+    run_mode,
     write_results,
 )
 
@@ -162,8 +164,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    mode_flags = {"smoke": ["--smoke"], "quick": ["--quick"], "full": []}[mode]
+    mode = run_mode(args)
+    mode_flags = MODE_FLAGS[mode]
     cfg = CONFIGS[mode]
     if args.memory_of:
         probe_memory(cfg, args.memory_of, args.dtype, args.checkpointing)

@@ -148,6 +148,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+MODE_FLAGS = {"smoke": ["--smoke"], "quick": ["--quick"], "full": []}  # what a child process is passed
+
+
+def run_mode(args: Any) -> str:
+    """ "smoke" (tiny sizes, to test a script), "quick" or "full", from a script's parsed arguments."""
+    return "smoke" if getattr(args, "smoke", False) else "quick" if getattr(args, "quick", False) else "full"
+
+
 def write_results(name: str, doc: dict[str, Any], out: str | Path | None = None) -> Path | None:
     """Write ``doc`` with the machine description to results/<name>.json (atomically); return the path.
 

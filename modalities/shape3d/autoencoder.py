@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modalities.shape3d.extract import DEFAULT_CHUNK
+
 logger = logging.getLogger("ditx.shape3d")
 
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))  # xy, xz, yz: the coordinates each plane keeps
@@ -103,7 +105,7 @@ class TriplaneAutoencoder(nn.Module):
         variational: a KL-regularised posterior (sampled when training) instead of a plain code.
         decode_resolution: G, the occupancy grid ``decode`` returns.
         chunk_size: query points per decoder call when decoding a grid (bounds memory at 256³;
-            16,384 is also the fastest on CPU, see ``modalities.shape3d.extract``).
+            the default, 16,384, is also the fastest on CPU: see ``modalities.shape3d.extract``).
         pretrained: a folder written by ``save_pretrained`` (weights, config, latent statistics).
     """
 
@@ -115,7 +117,7 @@ class TriplaneAutoencoder(nn.Module):
         decoder_width: int = 64,
         variational: bool = False,
         decode_resolution: int = 64,
-        chunk_size: int = 16384,
+        chunk_size: int = DEFAULT_CHUNK,
         tv_weight: float = 1e-3,
         l2_weight: float = 1e-4,
         pretrained: str | os.PathLike | None = None,
