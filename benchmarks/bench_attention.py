@@ -41,6 +41,7 @@ from common import (
     measure_growth,
     peak_memory_mb,
     run_mode,
+    use_ditx_allocator,
     write_results,
 )
 
@@ -126,6 +127,7 @@ def main() -> None:
     if args.memory_of:
         probe_memory(cfg, args.tokens, args.memory_of, args.mode, dtype)
         return
+    use_ditx_allocator()
 
     print(f"joint attention, batch {cfg.batch}, {cfg.heads} heads × {cfg.head_dim} dims, {args.dtype}, "
           f"{torch.get_num_threads()} threads; math skipped above ~{args.math_budget_gb:g} GB (estimate)",

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, markdown_table, run_mode, write_results  # noqa: E402
+from common import alternate, markdown_table, run_mode, use_ditx_allocator, write_results  # noqa: E402
 
 
 @dataclass
@@ -321,6 +321,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/data.json)")
     args = parser.parse_args()
     s = SMOKE if args.smoke else QUICK if args.quick else Sizes()
+    use_ditx_allocator()
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="ditx-bench-data-") as tmp:

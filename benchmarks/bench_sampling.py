@@ -56,7 +56,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from common import alternate, count_flops, markdown_table, matmul_peak, matmul_peaks, run_mode, write_results
+from common import (
+    alternate,
+    count_flops,
+    markdown_table,
+    matmul_peak,
+    matmul_peaks,
+    run_mode,
+    use_ditx_allocator,
+    write_results,
+)
 from torch import Tensor, nn
 
 from ditx import build_dit
@@ -263,6 +272,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--out", default=None, help="results JSON (default results/sampling[_quick].json)")
     args = parser.parse_args()
+    use_ditx_allocator()
     if args.smoke:
         depth, batch, steps, repeats = 2, 2, 2, 1
     elif args.quick:

@@ -54,7 +54,15 @@ import trimesh
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, markdown_table, measure_growth, peak_memory_mb, run_mode, write_results  # noqa: E402
+from common import (  # noqa: E402
+    alternate,
+    markdown_table,
+    measure_growth,
+    peak_memory_mb,
+    run_mode,
+    use_ditx_allocator,
+    write_results,
+)
 
 from modalities.shape3d.extract import DEFAULT_CHUNK  # noqa: E402
 
@@ -261,6 +269,8 @@ def main() -> None:
     parser.add_argument("--grid", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--times", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_of != "skimage":  # the extraction child times ditx as a user runs it
+        use_ditx_allocator()
     if args.memory_of:
         memory_of(args.memory_of, args.resolution, args.grid, args.times)
         return

@@ -22,7 +22,7 @@ import contextlib
 import time
 
 import torch
-from common import alternate, count_flops, gemm_ceiling, markdown_table, matmul_peaks, write_results
+from common import alternate, count_flops, gemm_ceiling, markdown_table, matmul_peaks, use_ditx_allocator, write_results
 
 from ditx import build_dit
 from ditx.dit import DIT_PRESETS
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step.json)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate (DiT-B/2 rows)")
     args = parser.parse_args()
+    use_ditx_allocator()
     repeats = 2 if args.quick else 3
     peaks = matmul_peaks()
     print(f"matmul peak (2048^3, this run): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",

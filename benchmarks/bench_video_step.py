@@ -52,6 +52,7 @@ from common import (
     measure_growth,
     peak_memory_mb,
     run_mode,
+    use_ditx_allocator,
     write_results,
 )
 
@@ -170,6 +171,7 @@ def main() -> None:
     if args.memory_of:
         probe_memory(cfg, args.memory_of, args.dtype, args.checkpointing)
         return
+    use_ditx_allocator()
 
     print(f"{cfg.frames} frames of {cfg.size}x{cfg.size}x{cfg.in_channels} latents, patch (1, {cfg.patch}, "
           f"{cfg.patch}) -> {cfg.tokens} tokens, batch 1; {cfg.depth} blocks, width {cfg.width}, {cfg.heads} heads; "

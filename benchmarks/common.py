@@ -26,6 +26,21 @@ from torch.utils.flop_counter import FlopCounterMode
 RESULTS = Path(__file__).parent / "results"
 
 
+def use_ditx_allocator() -> str:
+    """Run this (timing) process with the CPU allocator setting of the ``ditx`` command; returns which.
+
+    ``ditx.cpu_allocator.reuse_freed_memory``: glibc keeps freed blocks mapped for reuse
+    (``DITX_CPU_ALLOCATOR=default`` keeps glibc's default, to compare). It holds for the whole
+    process, so ditx and its peer run under the same setting and their ratio is unaffected;
+    memory probes (``peak_memory_mb`` children with ``tight_malloc``) do not call this.
+    """
+    from ditx.cpu_allocator import reuse_freed_memory
+
+    mode = "reuse" if reuse_freed_memory() else "default"
+    print(f"CPU allocator: {mode} (ditx.cpu_allocator; set DITX_CPU_ALLOCATOR=default for glibc's)", flush=True)
+    return mode
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
     """GFLOP/s of an n×n×n matrix product in ``dtype``: the best of ``repeats``, after warm-up.
 
