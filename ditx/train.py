@@ -307,8 +307,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
     # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
     # step it once per process, making warmup depend on the number of processes
+    if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block
+        model.compile_blocks() if hasattr(model, "compile_blocks") else model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
-    forward = torch.compile(model) if recipe.model.compile else model
 
     step = 0
     bad_samples = 0
@@ -376,7 +377,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                     if "num_images" in batch:  # joint image-video training (Latte)
                         kwargs["num_images"] = int(batch["num_images"][0])
                     terms = objective.loss(
-                        forward, z, y=y, model_kwargs=kwargs,
+                        model, z, y=y, model_kwargs=kwargs,
                         noise=noise_all[sl].to(accelerator.device), t=t_all[sl].to(accelerator.device),
                     )  # fmt: skip
                     loss = terms["loss"].mean()
