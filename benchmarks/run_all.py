@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, and print their tables.
 
-    python benchmarks/run_all.py            # every script in its default mode (8-9 min on 2 cores, cold compile cache included)
+    python benchmarks/run_all.py            # every script in its default mode (8-9 min on 2 cores, cold compile cache)
     python benchmarks/run_all.py --quick    # every script with --quick (~3 min)
     python benchmarks/run_all.py --only train_step video_step
 
