@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 RESULTS = Path(__file__).parent / "results"
 
 
-def use_ditx_allocator() -> str:
-    """Run this (timing) process with the CPU allocator setting of the ``ditx`` command; returns which.
+def use_ditx_allocator() -> None:
+    """Run this (timing) process with the CPU allocator setting of the ``ditx`` command, and say which.
 
     ``ditx.cpu_allocator.reuse_freed_memory``: glibc keeps freed blocks mapped for reuse
     (``DITX_CPU_ALLOCATOR=default`` keeps glibc's default, to compare). It holds for the whole
@@ -38,7 +38,6 @@ def use_ditx_allocator() -> str:
 
     mode = "reuse" if reuse_freed_memory() else "default"
     print(f"CPU allocator: {mode} (ditx.cpu_allocator; set DITX_CPU_ALLOCATOR=default for glibc's)", flush=True)
-    return mode
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:

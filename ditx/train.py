@@ -305,10 +305,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     ema.model.to(accelerator.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
-    # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
-    # step it once per process, making warmup depend on the number of processes
     if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block
         model.compile_blocks() if hasattr(model, "compile_blocks") else model.compile()
+    # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
+    # step it once per process, making warmup depend on the number of processes
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = 0
