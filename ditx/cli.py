@@ -13,6 +13,7 @@ adders; ``main`` parses, runs and turns bad input into a one-line error with exi
     ditx eval runs/image-digits-<time>
     ditx train-autoencoder my-latent-recipe.yaml --out vae/mine   # then autoencoder.pretrained=vae/mine
     ditx convert dit-official DiT-XL-2-256x256.pt out/dit-xl-2-256
+    ditx env                                        # versions and what works here, for bug reports
 
 Recipe overrides are positional ``section.key=value`` arguments after the recipe (or
 run); they may be mixed with options and are applied in order.
@@ -28,13 +29,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ditx.cpu_allocator import reuse_freed_memory
-from ditx.registry import RegistryError
+from ditx.registry import MissingDependencyError, RegistryError
 
 EXIT_USAGE = 2  # bad input, as argparse uses for bad arguments
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 # Errors that mean "the input is wrong" and print as a message, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RegistryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RegistryError, MissingDependencyError)
 
 
 def _subparsers(parser: argparse.ArgumentParser, dest: str, title: str, required: bool = True):
@@ -402,6 +403,34 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# env
+# ---------------------------------------------------------------------------------------
+
+
+def add_env_parser(subparsers) -> None:
+    env = _add_command(
+        subparsers,
+        "env",
+        help="print what a bug report needs (versions, usable modalities, attention backends, hardware)",
+        description="Print the versions of ditx, Python, torch and the other packages; which modalities are\n"
+        "usable here and, for each unusable one, what is missing and how to install it; the attention\n"
+        "backends that run here (a tiny call checked against math attention, xformers' probe included);\n"
+        "the CPU/GPU, bf16 support and thread count. Paste it into bug reports.",
+        epilog="examples:\n  ditx env\n  ditx env --json > env.json",
+    )
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(func=run_env)
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from ditx.env import collect_env, format_env
+
+    report = collect_env()
+    print(json.dumps(report, indent=2) if args.json else format_env(report), end="\n" if args.json else "")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------
 
@@ -413,6 +442,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_cache_latents_parser,
     add_train_autoencoder_parser,
     add_convert_parser,
+    add_env_parser,
 ]
 
 

@@ -492,9 +492,11 @@ def build_dit(
 ) -> DiT:
     """A DiT from a preset (``"DiT-XL/2"``) or explicit sizes, with a registered tokenizer.
 
-    ``tokenizer`` is a registry name or a spec dict; the preset's patch size is used
-    for ``patch2d``/``triplane`` (p) and ``tubelet`` ((1, p, p)) unless the spec sets
-    ``patch_size``. Output channels default to ``2 * in_channels`` with learned sigma.
+    ``tokenizer`` is a registry name or a spec dict. The tokenizer gets the arguments
+    the tokenizer contract names (``in_channels``, ``out_channels``; ``hidden_size`` from
+    the backbone) and, only when a preset (its "/p") or an explicit ``patch_size`` asks for
+    one and the spec sets none, ``patch_size=p`` as an int (``tubelet`` reads it as
+    ``(1, p, p)``). Output channels default to ``2 * in_channels`` with learned sigma.
     Explicit ``depth``, ``hidden_size``, ``num_heads`` and ``patch_size`` override the preset.
     """
     sizes: dict[str, Any] = {}
@@ -511,7 +513,6 @@ def build_dit(
     spec = {"name": tokenizer} if isinstance(tokenizer, str) else dict(tokenizer)
     spec.setdefault("in_channels", in_channels)
     spec.setdefault("out_channels", out_channels or (2 * spec["in_channels"] if learn_sigma else spec["in_channels"]))
-    if "patch_size" not in spec:
-        p = sizes.get("patch_size", 2)
-        spec["patch_size"] = (1, p, p) if spec["name"] == "tubelet" else p
+    if "patch_size" in sizes:
+        spec.setdefault("patch_size", sizes["patch_size"])
     return DiT(spec, depth=sizes["depth"], num_heads=sizes["num_heads"], hidden_size=sizes["hidden_size"], **kwargs)

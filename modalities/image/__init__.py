@@ -1,17 +1,20 @@
-"""Image modality: registers its components with ditx (entry point ``ditx.plugins: image``)."""
+"""Image modality: registers its components with ditx (entry point ``ditx.plugins: image``).
+
+Registration only: components are imported when a recipe asks for them, after the
+packages below are checked, so this module imports nothing but ``ditx.registry``.
+"""
 
 from ditx import registry
-from modalities.image.autoencoder import SDVAE
-from modalities.image.data import DigitsDataset, ImageFolderDataset
-from modalities.image.io import write_image_samples, write_npz_samples
-from modalities.image.metrics import DigitsMetric, InceptionMetric
-from modalities.image.tokenizer import Patch2DTokenizer
 
-registry.tokenizers.register("patch2d", Patch2DTokenizer)
-registry.autoencoders.register("sd-vae", SDVAE)
-registry.datasets.register("digits", DigitsDataset)
-registry.datasets.register("image-folder", ImageFolderDataset)
-registry.metrics.register("digits", DigitsMetric)
-registry.metrics.register("inception", InceptionMetric)
-registry.writers.register("image", write_image_samples)
-registry.writers.register("image-npz", write_npz_samples)
+# scikit-learn ships the tiny recipe's digits; torchmetrics computes FID/KID/IS
+image = registry.declare_modality(
+    "image", requires={"sklearn": "scikit-learn", "torchmetrics": "torchmetrics"}, extra="image"
+)
+image.register(registry.tokenizers, "patch2d", "modalities.image.tokenizer:Patch2DTokenizer")
+image.register(registry.autoencoders, "sd-vae", "modalities.image.autoencoder:SDVAE")
+image.register(registry.datasets, "digits", "modalities.image.data:DigitsDataset")
+image.register(registry.datasets, "image-folder", "modalities.image.data:ImageFolderDataset")
+image.register(registry.metrics, "digits", "modalities.image.metrics:DigitsMetric")
+image.register(registry.metrics, "inception", "modalities.image.metrics:InceptionMetric")
+image.register(registry.writers, "image", "modalities.image.io:write_image_samples")
+image.register(registry.writers, "image-npz", "modalities.image.io:write_npz_samples")

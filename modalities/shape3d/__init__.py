@@ -1,16 +1,21 @@
-"""3D modality: registers its components with ditx (entry point ``ditx.plugins: shape3d``)."""
+"""3D modality: registers its components with ditx (entry point ``ditx.plugins: shape3d``).
+
+Registration only: components are imported when a recipe asks for them, after the
+packages below are checked, so this module imports nothing but ``ditx.registry``.
+"""
 
 from ditx import registry
-from modalities.shape3d.autoencoder import TriplaneAutoencoder
-from modalities.shape3d.data import PrimitivesDataset, ShapeFolderDataset
-from modalities.shape3d.io import write_shape_samples
-from modalities.shape3d.metrics import PointCloudSetMetric, ShapeGenerationMetric
-from modalities.shape3d.tokenizer import TriplaneTokenizer
 
-registry.tokenizers.register("triplane", TriplaneTokenizer)
-registry.autoencoders.register("triplane-ae", TriplaneAutoencoder)
-registry.datasets.register("shape-folder", ShapeFolderDataset)
-registry.datasets.register("primitives", PrimitivesDataset)
-registry.metrics.register("pointcloud-set", PointCloudSetMetric)
-registry.metrics.register("shape3d", ShapeGenerationMetric)
-registry.writers.register("shape3d", write_shape_samples)
+# trimesh loads meshes (networkx: its winding repair), scikit-image's marching cubes, scipy's EMD
+shape3d = registry.declare_modality(
+    "shape3d",
+    requires={"trimesh": "trimesh", "networkx": "networkx", "skimage": "scikit-image", "scipy": "scipy"},
+    extra="shape3d",
+)
+shape3d.register(registry.tokenizers, "triplane", "modalities.shape3d.tokenizer:TriplaneTokenizer")
+shape3d.register(registry.autoencoders, "triplane-ae", "modalities.shape3d.autoencoder:TriplaneAutoencoder")
+shape3d.register(registry.datasets, "shape-folder", "modalities.shape3d.data:ShapeFolderDataset")
+shape3d.register(registry.datasets, "primitives", "modalities.shape3d.data:PrimitivesDataset")
+shape3d.register(registry.metrics, "pointcloud-set", "modalities.shape3d.metrics:PointCloudSetMetric")
+shape3d.register(registry.metrics, "shape3d", "modalities.shape3d.metrics:ShapeGenerationMetric")
+shape3d.register(registry.writers, "shape3d", "modalities.shape3d.io:write_shape_samples")

@@ -1,18 +1,24 @@
-"""Video modality: registers its components with ditx (entry point ``ditx.plugins: video``)."""
+"""Video modality: registers its components with ditx (entry point ``ditx.plugins: video``).
+
+Registration only: components are imported when a recipe asks for them, after the
+packages below are checked, so this module imports nothing but ``ditx.registry``.
+"""
 
 from ditx import registry
-from modalities.video.autoencoder import FramewiseVAE, VideoVAE
-from modalities.video.data import MovingDigitsDataset, VideoFolderDataset
-from modalities.video.io import write_video_samples
-from modalities.video.metrics import FrameFIDMetric, FVDMetric, MovingDigitsMetric
-from modalities.video.tokenizer import TubeletTokenizer
 
-registry.tokenizers.register("tubelet", TubeletTokenizer)
-registry.autoencoders.register("framewise-vae", FramewiseVAE)
-registry.autoencoders.register("video-vae", VideoVAE)
-registry.datasets.register("video-folder", VideoFolderDataset)
-registry.datasets.register("moving-digits", MovingDigitsDataset)
-registry.writers.register("video", write_video_samples)
-registry.metrics.register("fvd", FVDMetric)
-registry.metrics.register("frame-fid", FrameFIDMetric)
-registry.metrics.register("moving-digits", MovingDigitsMetric)
+# decord reads clips, PyAV writes MP4; moving digits and the frame metrics reuse the image
+# modality's scikit-learn digits and torchmetrics (the video extra includes the image one)
+video = registry.declare_modality(
+    "video",
+    requires={"decord": "decord", "av": "av", "sklearn": "scikit-learn", "torchmetrics": "torchmetrics"},
+    extra="video",
+)
+video.register(registry.tokenizers, "tubelet", "modalities.video.tokenizer:TubeletTokenizer")
+video.register(registry.autoencoders, "framewise-vae", "modalities.video.autoencoder:FramewiseVAE")
+video.register(registry.autoencoders, "video-vae", "modalities.video.autoencoder:VideoVAE")
+video.register(registry.datasets, "video-folder", "modalities.video.data:VideoFolderDataset")
+video.register(registry.datasets, "moving-digits", "modalities.video.data:MovingDigitsDataset")
+video.register(registry.writers, "video", "modalities.video.io:write_video_samples")
+video.register(registry.metrics, "fvd", "modalities.video.metrics:FVDMetric")
+video.register(registry.metrics, "frame-fid", "modalities.video.metrics:FrameFIDMetric")
+video.register(registry.metrics, "moving-digits", "modalities.video.metrics:MovingDigitsMetric")
