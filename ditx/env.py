@@ -107,7 +107,7 @@ def hardware_report() -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": (f"native ({', '.join(bf16_isa)})" if bf16_isa else "emulated (no AMX/AVX512-BF16: slower than fp32)"),
+        "cpu_bf16": f"native ({', '.join(bf16_isa)})" if bf16_isa else "emulated (no AMX/AVX512-BF16 here)",
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
     }
@@ -122,13 +122,14 @@ def collect_env() -> dict[str, Any]:
     import ditx
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plugins = importlib.metadata.entry_points(group=registry.PLUGIN_GROUP)
     return {
         "ditx": ditx.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {name: package_version(name) for name in CORE_PACKAGES},
         "optional_packages": {name: package_version(name) for name in OPTIONAL_PACKAGES},
-        "plugins": sorted(f"{ep.name} = {ep.value}" for ep in importlib.metadata.entry_points(group=registry.PLUGIN_GROUP)),
+        "plugins": sorted(f"{ep.name} = {ep.value}" for ep in plugins),
         "modalities": modality_report(),
         "attention_device": str(device),
         "attention": attention_report(device),

@@ -10,11 +10,11 @@ import json
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from ditx import registry
 from ditx.recipe import list_recipes
