@@ -275,3 +275,23 @@ def test_cache_latents_loads_the_recipe_and_passes_out(tiny, tmp_path, job, caps
 def test_jobs_accept_the_arguments_the_cli_passes(module, function, args, kwargs):
     job_module = pytest.importorskip(module, reason=f"{module} is not written yet")
     inspect.signature(getattr(job_module, function)).bind(*args, **kwargs)
+
+
+def test_env_reports_versions_modalities_backends_and_hardware(capsys):
+    import torch
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("ditx:", "Python:", "torch:", "diffusers:", "accelerate:", "CPU bf16:", "CUDA:"):
+        assert key in out, key
+    assert torch.__version__ in out
+    assert f"torch threads {torch.get_num_threads()}" in out
+    for modality in ("image", "video", "shape3d"):  # the dev install has every extra
+        assert f"Modality {modality}:" in out
+    assert "Attention sdpa (" in out and "Attention xformers (" in out
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["modalities"]["image"]["usable"] is True
+    assert report["attention"]["sdpa"] == "ok" and report["attention"]["eager"] == "ok"
+    if not torch.cuda.is_available():
+        assert report["attention"]["xformers"].startswith("unavailable")

@@ -33,10 +33,10 @@ DRIVER = textwrap.dedent(
     from ditx.cli import main
     results = []
     for argv in calls:
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             rc = main(argv)
-        results.append({"argv": argv, "rc": rc, "stderr": err.getvalue()})
+        results.append({"argv": argv, "rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()})
         from accelerate.state import AcceleratorState, GradientState  # one process, several runs
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -158,8 +158,13 @@ def test_other_modalities_train_and_the_affected_one_says_what_to_install(case, 
              *train_calls(data, unusable)]  # fmt: skip
     results = run_blocked(blocked, calls, data["cache"])
 
-    env = results[0]
+    env = results[0]  # ditx env names what is missing and for which modality
     assert env["rc"] == 0, env["stderr"]
+    for modality in affected:
+        line = next(line for line in env["stdout"].splitlines() if f"Modality {modality}:" in line)
+        assert "unusable" in line and package in line and f'pip install "ditx[{modality}]"' in line, line
+    for modality in {"image", "video", "shape3d"} - affected:
+        assert f"Modality {modality}:" in env["stdout"] and "usable" in env["stdout"]
     for result in results[1 : 1 + len(usable)]:
         name = result["argv"][1]
         assert result["rc"] == 0, f"{name} failed with {blocked} missing:\n{result['stderr'][-3000:]}"

@@ -89,3 +89,58 @@ def test_broken_plugin_names_the_entry_point(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ImportError, match=r"plugin 'broken' = 'ditx_broken_plugin_mod'.*boom"):
         registry.load_plugins()
+
+
+def test_plugin_with_a_wrong_module_fails_loudly_naming_the_entry_point(tmp_path, monkeypatch):
+    _write_plugin_distribution(tmp_path, "ditx_typo_plugin", "ditx_typo_plugin_mod_does_not_exist", "typo")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match=r"plugin 'typo' = 'ditx_typo_plugin_mod_does_not_exist'.*failed"):
+        registry.load_plugins()
+    registry._loaded_plugins.discard(("typo", "ditx_typo_plugin_mod_does_not_exist"))
+
+
+def test_plugin_with_a_syntax_error_fails_loudly(tmp_path, monkeypatch):
+    _write_plugin_distribution(tmp_path, "ditx_syntax_plugin", "ditx_syntax_plugin_mod", "syntax")
+    (tmp_path / "ditx_syntax_plugin_mod.py").write_text("def broken(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match=r"plugin 'syntax' = 'ditx_syntax_plugin_mod'.*failed to import"):
+        registry.load_plugins()
+
+
+def test_plugin_missing_a_dependency_leaves_the_others_usable(tmp_path, monkeypatch):
+    """A third-party plugin importing a package that is not installed: recorded, named in errors, not fatal."""
+    _write_plugin_distribution(tmp_path, "ditx_needy_plugin", "ditx_needy_plugin_mod", "needy")
+    (tmp_path / "ditx_needy_plugin_mod.py").write_text("import a_package_nobody_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "unavailable_plugins", {})
+    registry.load_plugins()
+    assert "patch2d" in tokenizers.names()
+    assert "a_package_nobody_installed" in registry.unavailable_plugins["needy = ditx_needy_plugin_mod"]
+    with pytest.raises(RegistryError, match=r"unknown tokenizer 'needy-rows'.*plugin needy = ditx_needy_plugin_mod"):
+        tokenizers.get("needy-rows")
+    registry._loaded_plugins.discard(("needy", "ditx_needy_plugin_mod"))
+
+
+def test_lazy_component_checks_its_modality_only_when_asked_for(monkeypatch):
+    reg = Registry("widget")
+    modality = registry.Modality("toys", {"json": "json", "a_missing_pkg": "a-missing-pkg"}, extra="toys")
+    modality.register(reg, "decoder", "json:JSONDecoder")
+    assert reg.names() == ["decoder"] and "decoder" in reg  # listing imports nothing
+    with pytest.raises(registry.MissingDependencyError) as info:
+        reg.get("decoder")
+    message = str(info.value)
+    assert "widget 'decoder' is part of the 'toys' modality" in message
+    assert "a-missing-pkg" in message and 'pip install "ditx[toys]"' in message
+    # with the package present, the target is imported and replaces the lazy entry
+    monkeypatch.setattr(registry, "package_missing", lambda name: False)
+    import json
+
+    assert reg.get("decoder") is json.JSONDecoder
+    reg.register("decoder", json.JSONDecoder)  # registering the same object again is harmless
+
+
+def test_lazy_target_with_a_wrong_attribute_names_it():
+    reg = Registry("widget")
+    registry.Modality("toys").register(reg, "nope", "json:NoSuchThing")
+    with pytest.raises(ImportError, match=r"json:NoSuchThing.*no 'NoSuchThing'"):
+        reg.get("nope")
