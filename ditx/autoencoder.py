@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ditx.files import OutputExistsError
 from ditx.registry import autoencoders
 
 if TYPE_CHECKING:
@@ -154,7 +156,12 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     cfg = recipe.autoencoder_train
     out = Path(out) if out is not None else default_autoencoder_dir(recipe)
     if out.exists() and not overwrite:  # fail before training, not after
-        raise FileExistsError(f"{out} already exists; pass --out DIR for another folder or --overwrite to replace it")
+        raise OutputExistsError(
+            f"{out} already holds a trained autoencoder ({', '.join(p.name for p in sorted(out.iterdir())[:6])}); "
+            f"nothing was written. Pass --out DIR for another folder, or --overwrite to replace it"
+        )
+    if out.exists():  # replaced only when the new one is complete (an atomic rename at the end)
+        print(f"--overwrite: {out} will be replaced by the autoencoder trained now", file=sys.stderr, flush=True)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(
             f"autoencoder_train.steps and batch_size must be at least 1, got {cfg.steps} and {cfg.batch_size}"

@@ -49,6 +49,12 @@ def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...])
     }
 
 
+def fingerprint_difference(expected: dict[str, Any], got: dict[str, Any] | None) -> list[str]:
+    """The keys on which two fingerprints differ, sorted."""
+    got = got or {}
+    return sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+
+
 def default_cache_dir(recipe: Recipe) -> Path:
     if recipe.train.latent_cache:
         return Path(recipe.train.latent_cache)
@@ -71,12 +77,23 @@ def _shard_ok(path: Path, n: int) -> bool:
 
 @torch.no_grad()
 def cache_latents(
-    recipe: Recipe, out: str | Path | None = None, shard_size: int = 1024, batch_size: int = 64, device=None
+    recipe: Recipe,
+    out: str | Path | None = None,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    device=None,
+    overwrite: bool = False,
 ) -> Path:
-    """Encode the recipe's dataset into ``out`` (default ``train.latent_cache`` or ``cache/<recipe>``)."""
+    """Encode the recipe's dataset into ``out`` (default ``train.latent_cache`` or ``cache/<recipe>``).
+
+    A complete cache for the same settings is reused, a partial one resumed; a folder holding
+    a cache for other settings, or other files, is refused unless ``overwrite`` (which
+    says what it deletes and encodes afresh).
+    """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from ditx.files import claim_output_folder, folder_entries
     from ditx.train import build_components
 
     parts = build_components(recipe)
@@ -85,18 +102,23 @@ def cache_latents(
     if hasattr(ae, "to"):
         ae.to(device)
     out = Path(out) if out else default_cache_dir(recipe)
-    out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(recipe, dataset, parts.latent_shape)
     index_path = out / INDEX_NAME
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index.get("fingerprint") == fp:
+    progress_path = out / "progress.json"  # fingerprint of the shards written so far
+    written = index_path if index_path.is_file() else progress_path if progress_path.is_file() else None
+    if written is not None:
+        got = json.loads(written.read_text())
+        got = got.get("fingerprint") if written == index_path else got
+        if got == fp and written == index_path:
             logger.info("latent cache %s is complete and matches the recipe", out)
             return out
-        raise StaleCacheError(f"{out} holds a latent cache for other settings; delete it or choose another --out")
-    progress_path = out / "progress.json"  # fingerprint of the shards written so far
-    if progress_path.is_file() and json.loads(progress_path.read_text()) != fp:
-        raise StaleCacheError(f"{out} holds a partial cache for other settings; delete it or choose another --out")
+        if got != fp:
+            kind = "latent cache" if written == index_path else "partial latent cache"
+            claim_output_folder(out, overwrite=overwrite, what=f"a {kind} for other settings",
+                                holds=f"differs in: {', '.join(fingerprint_difference(fp, got))}")  # fmt: skip
+    elif folder_entries(out):
+        claim_output_folder(out, overwrite=overwrite, what="files that are not a latent cache")
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_write(progress_path) as tmp:
         tmp.write_text(json.dumps(fp))
 
@@ -171,7 +193,7 @@ def maybe_cached_dataset(recipe: Recipe, parts: Any) -> Dataset:
     expected = fingerprint(recipe, parts.dataset, parts.latent_shape)
     got = index.get("fingerprint", {})
     if got != expected:
-        differ = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        differ = fingerprint_difference(expected, got)
         raise StaleCacheError(
             f"latent cache {root} does not match the recipe (differs in: {', '.join(differ)}; "
             f"cache has {[got.get(k) for k in differ]}, recipe needs {[expected.get(k) for k in differ]}). "

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ditx.dit import DIT_PRESETS, DIT_SIZES, DiT
+from ditx.files import pause_point
 
 MODEL_FORMAT = "ditx-model"
 MODEL_FORMAT_VERSION = 1
@@ -618,12 +619,22 @@ def save_training_state(
     state = get_model_state_dict(model, options=full)
     optim_state = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=full)
     rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    # the last line of defence: a checkpoint never holds NaN/inf weights (every process checks
+    # the EMA, which it holds whole and which follows the model, so all refuse alike)
+    for name, tensors in (("model", state), ("EMA", ema.state_dict())):
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(
+                f"refusing to write checkpoint step {step}: the {name} weights {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''} are not finite; the checkpoints written before are kept"
+            )
     if accelerator.is_main_process:
         opt_tensors, opt_rest = _split_optimizer_state(optim_state)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         trainer = {"step": step, "format": "ditx-train-state", **(extra or {})}
         with atomic_write(target, directory=True) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+            pause_point(f"checkpoint:{step}")  # tests kill the process here, mid-write
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                       str(tmp / "ema.safetensors"))  # fmt: skip
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

@@ -224,6 +224,12 @@ def add_train_parser(subparsers) -> None:
         action="store_true",
         help="continue from the newest complete checkpoint in --run-dir (default: the newest run of this recipe)",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a --run-dir that holds an earlier run, deleting it (without this, or --resume, "
+        "such a folder is refused before anything is written)",
+    )
     train.set_defaults(func=run_train)
 
 
@@ -233,7 +239,7 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe, args.overrides)  # bad config fails before the trainer imports
     from ditx.train import train
 
-    run_dir = train(recipe, run_dir=args.run_dir, resume=args.resume)
+    run_dir = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
     print(run_dir)
     return 0
 
@@ -275,6 +281,9 @@ def add_sample_parser(subparsers) -> None:
         metavar="FORMAT",
         help="an extra output format of the modality, e.g. npz (images: ADM evaluation-suite samples.npz)",
     )
+    sample.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an output folder that already holds some"
+    )
     sample.set_defaults(func=run_sample)
 
 
@@ -285,7 +294,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from ditx.sample import sample_from
 
     out = sample_from(
-        args.path, num=args.num, out=args.out, recipe=args.recipe, overrides=overrides, fmt=args.format
+        args.path, num=args.num, out=args.out, recipe=args.recipe, overrides=overrides, fmt=args.format,
+        overwrite=args.overwrite,
     )
     print(out)
     return 0
@@ -357,6 +367,11 @@ def add_cache_latents_parser(subparsers) -> None:
     cache.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name (e.g. image/digits) or a .yaml path")
     _add_overrides(cache)
     cache.add_argument("--out", type=Path, default=None, metavar="DIR", help="cache folder (default: see above)")
+    cache.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a folder that holds a cache for other settings (or other files) and encode afresh",
+    )
     cache.set_defaults(func=run_cache_latents)
 
 
@@ -364,7 +379,7 @@ def run_cache_latents(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe, args.overrides)
     from ditx.cache import cache_latents
 
-    print(cache_latents(recipe, out=args.out))
+    print(cache_latents(recipe, out=args.out, overwrite=args.overwrite))
     return 0
 
 

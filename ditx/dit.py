@@ -13,11 +13,13 @@ mechanism.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -95,30 +97,32 @@ def resolve_layout(layout: str | Sequence[Any], depth: int, axes: Sequence[str])
     return blocks
 
 
-def _group(x: Tensor, grid: Grid, attend: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...], list[int]]:
-    """(B, N, *rest) -> (B * G, n, *rest): sequences over the ``attend`` axes of the grid.
+@functools.cache
+def _group_patterns(ndim: int, attend: tuple[int, ...]) -> tuple[str, str]:
+    """einops patterns (flat, grouped) for a grid of ``ndim`` axes a0, a1, ... attended over ``attend``.
 
-    G is the product of the other axes. Returns the grouped tensor, the sizes in grouped
-    order and the permutation (needed to undo it). Attending over trailing axes is a view.
+    E.g. a video grid (time a0, height a1, width a2): spatial blocks group
+    ``b (a0 a1 a2) d -> (b a0) (a1 a2) d``, temporal ones ``b (a0 a1 a2) d -> (b a1 a2) a0 d``.
     """
-    b, rest = x.shape[0], x.shape[2:]
-    outer = [i for i in range(len(grid)) if i not in attend]
-    perm = outer + list(attend)
-    x = x.reshape(b, *grid, *rest)
-    if perm != sorted(perm):
-        x = x.permute(0, *(1 + i for i in perm), *range(1 + len(grid), x.ndim))
-    n = math.prod(grid[i] for i in attend)
-    return x.reshape(-1, n, *rest), tuple(grid[i] for i in perm), perm
+    names = [f"a{i}" for i in range(ndim)]
+    outer = " ".join(names[i] for i in range(ndim) if i not in attend)
+    inner = " ".join(names[i] for i in attend)
+    return f"b ({' '.join(names)}) d", f"(b {outer}) ({inner}) d"
 
 
-def _ungroup(x: Tensor, batch: int, sizes: tuple[int, ...], perm: list[int]) -> Tensor:
-    """Inverse of ``_group`` for a (B * G, n, D) tensor -> (B, N, D)."""
-    d = x.shape[-1]
-    x = x.reshape(batch, *sizes, d)
-    if perm != sorted(perm):
-        inverse = sorted(range(len(perm)), key=perm.__getitem__)
-        x = x.permute(0, *(1 + i for i in inverse), len(perm) + 1)
-    return x.reshape(batch, -1, d)
+def _group(x: Tensor, grid: Grid, attend: tuple[int, ...]) -> Tensor:
+    """(B, N, D) -> (B * G, n, D): sequences over the ``attend`` axes of the grid.
+
+    G is the product of the other axes. Attending over trailing axes is a view.
+    """
+    flat, grouped = _group_patterns(len(grid), attend)
+    return rearrange(x, f"{flat} -> {grouped}", **{f"a{i}": g for i, g in enumerate(grid)})
+
+
+def _ungroup(x: Tensor, grid: Grid, attend: tuple[int, ...]) -> Tensor:
+    """Inverse of ``_group``: (B * G, n, D) -> (B, N, D)."""
+    flat, grouped = _group_patterns(len(grid), attend)
+    return rearrange(x, f"{grouped} -> {flat}", **{f"a{i}": g for i, g in enumerate(grid)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,16 +151,16 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, grid: Grid, attend: tuple[int, ...] | None = None, mask: Tensor | None = None
     ) -> Tensor:
-        b, _, d = x.shape
+        d = x.shape[-1]
         if attend is not None:  # regroup the D-wide tokens, not the 3D-wide qkv (a third of the copying)
-            x, sizes, perm = _group(x, grid, attend)  # (B*G, n, D)
+            x = _group(x, grid, attend)  # (B*G, n, D)
         bg, n = x.shape[:2]
         qkv = self.qkv(x).view(bg, n, 3, self.num_heads, self.head_dim)  # (B', n, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', H, n, d)
         out = attention(q, k, v, mask=mask, backend=self.backend)  # (B', H, n, d); mask (n, n)
         out = self.proj(out.transpose(1, 2).reshape(bg, n, d))  # (B', n, D)
         if attend is not None:
-            out = _ungroup(out, b, sizes, perm)  # (B, N, D)
+            out = _ungroup(out, grid, attend)  # (B, N, D)
         return out
 
 

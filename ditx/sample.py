@@ -179,12 +179,16 @@ def sample_from(
     recipe: str | Path | None = None,
     overrides: list[str] | None = None,
     fmt: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """``ditx sample``: write ``num`` samples (default ``sample.num_samples``) into ``out``.
 
     ``fmt`` adds a modality-specific format written by the ``<modality>-<fmt>`` writer
-    (e.g. ``npz`` for images: ADM's evaluation-suite layout).
+    (e.g. ``npz`` for images: ADM's evaluation-suite layout). An ``out`` that already
+    holds files is refused before sampling unless ``overwrite`` (which empties it first).
     """
+    from ditx.files import claim_output_folder
+
     r, parts, model = load_for_sampling(path, recipe, overrides)
     extra = None
     if fmt:
@@ -199,6 +203,7 @@ def sample_from(
         parts.autoencoder.to(device)
     num = num or r.sample.num_samples
     out = Path(out) if out else Path(path) / "samples" / f"sample_{r.sample.scheduler}_{r.sample.num_steps}"
+    claim_output_folder(out, overwrite=overwrite, what="samples", instead="pass --out DIR for another folder")
     samples, labels = generate(parts, model, num, device, progress=True)
     writers.get(r.modality)(samples, out, labels)
     if extra is not None:

@@ -7,11 +7,13 @@ position codes, so resolution and clip length may change from batch to batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 Grid = tuple[int, ...]
@@ -152,11 +154,15 @@ class PatchTokenizer(Tokenizer):
         return tokens.flatten(2).transpose(1, 2), grid  # (B, N, hidden)
 
     def untokenize(self, tokens: Tensor, grid: Grid) -> Tensor:
-        b, n, _ = tokens.shape
-        nd = len(grid)
-        # (B, N, *patch * C) -> (B, *grid, *patch, C)
-        x = tokens.reshape(b, *grid, *self.patch_size, self.out_channels)
-        # interleave grid and patch axes: (B, C, g0, p0, g1, p1, ...)
-        order = [0, 2 * nd + 1] + [i for k in range(nd) for i in (1 + k, 1 + nd + k)]
-        x = x.permute(*order)
-        return x.reshape(b, self.out_channels, *(g * p for g, p in zip(grid, self.patch_size)))
+        # (B, N, *patch * C) -> (B, C, g0 * p0, g1 * p1, ...), e.g. on images
+        # "b (g0 g1) (p0 p1 c) -> b c (g0 p0) (g1 p1)": DiT's unpatchify
+        sizes = {f"g{i}": g for i, g in enumerate(grid)} | {f"p{i}": p for i, p in enumerate(self.patch_size)}
+        return rearrange(tokens, _unpatchify_pattern(len(grid)), c=self.out_channels, **sizes)
+
+
+@functools.cache
+def _unpatchify_pattern(ndim: int) -> str:
+    grid = " ".join(f"g{i}" for i in range(ndim))
+    patch = " ".join(f"p{i}" for i in range(ndim))
+    out = " ".join(f"(g{i} p{i})" for i in range(ndim))
+    return f"b ({grid}) ({patch} c) -> b c {out}"

@@ -27,14 +27,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.dit import DiT, build_dit
+from ditx.files import pause_point
 from ditx.recipe import Recipe
 from ditx.registry import autoencoders, datasets, objectives
 
 logger = logging.getLogger("ditx.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteError(RuntimeError):
+    """Training met NaN/Inf and stopped before the optimizer step (no such weights are saved)."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The loss became NaN/Inf: training stopped before the optimizer step."""
+
+
+class NonFiniteGradientError(NonFiniteError):
+    """The gradients became NaN/Inf with a finite loss: training stopped before the optimizer step."""
 
 
 class DataBudgetError(RuntimeError):
@@ -194,8 +203,10 @@ def _full_parameters(model: torch.nn.Module):
 
 
 def new_run_dir(recipe: Recipe) -> Path:
+    from ditx.files import unique_folder
+
     name = (recipe.name or "run").replace("/", "-")
-    return Path(recipe.train.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return unique_folder(Path(recipe.train.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def latest_run_dir(recipe: Recipe) -> Path | None:
@@ -203,6 +214,27 @@ def latest_run_dir(recipe: Recipe) -> Path | None:
     name = (recipe.name or "run").replace("/", "-")
     runs = sorted(p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file())
     return runs[-1] if runs else None
+
+
+def _resumable_checkpoint(ckpt_root: Path) -> Path:
+    """The checkpoint ``--resume`` continues from; errors name every broken one and delete nothing."""
+    from ditx import checkpoint as ckpt
+
+    found = ckpt.find_resumable(ckpt_root)
+    if found is not None:
+        return found
+    broken = ckpt.list_checkpoints(ckpt_root)
+    if broken:  # every one is corrupt: name them all, delete none
+        problems = "; ".join(f"{p.name}: {ckpt.verify_checkpoint(p)}" for p in broken)
+        raise ckpt.CheckpointError(
+            f"--resume: no checkpoint in {ckpt_root} is intact ({problems}); nothing was changed. "
+            f"Restore one from a backup, or start afresh with --overwrite"
+        )
+    raise FileNotFoundError(f"--resume: {ckpt_root.parent} has no complete checkpoint to resume from")
+
+
+def _kept(last_good: Path | None) -> str:
+    return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
 
 
 def _lr_lambda(warmup: int):
@@ -240,12 +272,28 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
     logger.info("stage 2: training the DiT on the latents of %s", out)
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run never writes into a folder holding an earlier one (unless ``overwrite``)."""
+    from ditx import checkpoint as ckpt
+    from ditx.files import claim_output_folder, folder_entries
+
+    if not folder_entries(run_dir):
+        return
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    holds = f"checkpoints up to {found[-1].name}" if found else ""
+    claim_output_folder(run_dir, overwrite=overwrite, what="a training run", holds=holds,
+                        instead=f"continue it with --resume (--run-dir {run_dir} --resume)")  # fmt: skip
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> Path:
     """Train ``recipe``; returns the run directory.
 
     With ``resume=True`` the newest complete checkpoint in ``run_dir`` (default: the
     newest run of this recipe) is restored first; a corrupt newest checkpoint is
-    skipped with a warning in favour of the previous one.
+    skipped with a warning in favour of the previous one. Without it, a ``run_dir``
+    that already holds files is refused before anything is written
+    (:class:`ditx.files.OutputExistsError`), unless ``overwrite=True``, which says
+    what it deletes and starts the run afresh.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
@@ -256,6 +304,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     from ditx.sample import write_previews
 
     cfg = recipe.train
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
     accelerator = Accelerator(
@@ -284,6 +334,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         broadcast_object_list(chosen)
     run_dir = Path(chosen[0])
     ckpt_root = run_dir / "checkpoints"
+    found = _resumable_checkpoint(run_dir / "checkpoints") if resume else None  # before anything is written
+    if not resume:  # every process checks before anything is written, so all refuse alike
+        if accelerator.is_main_process or not overwrite:
+            _claim_run_dir(run_dir, overwrite)  # with overwrite, only the main process deletes
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
@@ -314,9 +369,6 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     step = 0
     bad_samples = 0
     if resume:
-        found = ckpt.find_resumable(ckpt_root)
-        if found is None:
-            raise FileNotFoundError(f"--resume: {run_dir} has no complete checkpoint to resume from")
         state = ckpt.load_training_state(
             found, model, ema, optimizer, scheduler, accelerator.scaler, rank
         )
@@ -396,15 +448,27 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 mean_loss = (stats[0] / stats[1].clamp(min=1)).item()
                 if not math.isfinite(mean_loss):
                     optimizer.zero_grad(set_to_none=True)
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                     raise NonFiniteLossError(
                         f"loss is {mean_loss} at step {step + 1} (micro-step {micro_step}); stopped before the "
-                        f"optimizer step, {where}. Lower train.lr, set train.grad_clip or use mixed_precision=no"
+                        f"optimizer step, {_kept(last_good)}. Lower train.lr, set train.grad_clip or use "
+                        f"mixed_precision=no"
                     )
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and cfg.grad_clip:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if accelerator.sync_gradients:
+                    # gradients are the same on every process here (after the all-reduce)
+                    if cfg.grad_clip:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    else:
+                        grads = [p.grad for p in model.parameters() if p.grad is not None]
+                        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                    if not torch.isfinite(grad_norm):
+                        optimizer.zero_grad(set_to_none=True)
+                        raise NonFiniteGradientError(
+                            f"gradient norm is {float(grad_norm)} at step {step + 1} with a finite loss "
+                            f"({mean_loss:.4g}); stopped before the optimizer step, {_kept(last_good)}. Lower "
+                            f"train.lr, set train.grad_clip or use mixed_precision=no"
+                        )
                 optimizer.step()  # a no-op until the last micro-batch of the step
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
@@ -440,6 +504,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
             ):
                 write_previews(sampling, ema.model, run_dir / "samples" / f"step_{step:08d}", accelerator.device)
+            pause_point(f"step:{step}")  # tests kill the process here, between steps
             if step >= cfg.steps:
                 break
     progress.close()

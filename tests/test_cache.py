@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ditx.cache import CachedLatents, StaleCacheError, cache_latents, maybe_cached_dataset
+from ditx.files import OutputExistsError
 from ditx.train import build_components, train
 
 
@@ -43,8 +44,20 @@ def test_stale_cache_is_refused_with_what_differs(tiny_recipe, tmp_path):
     stale = r"does not match the recipe \(differs in: data, data_shape.*ditx cache-latents"
     with pytest.raises(StaleCacheError, match=stale):
         maybe_cached_dataset(other, build_components(other))
-    with pytest.raises(StaleCacheError, match="other settings"):
+    shards = sorted(p.name for p in cache.iterdir())
+    with pytest.raises(OutputExistsError, match=r"a latent cache for other settings \(differs in: data.*--overwrite"):
         cache_latents(other)
+    assert sorted(p.name for p in cache.iterdir()) == shards  # refused: nothing touched
+    cache_latents(other, overwrite=True)  # says what it deletes, then encodes afresh
+    assert maybe_cached_dataset(other, build_components(other)).data_shape == (1, 16, 16)
+
+
+def test_cache_refuses_a_folder_of_other_files(tiny_recipe, tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"files that are not a latent cache \(notes.txt\)"):
+        cache_latents(tiny_recipe(train={"latent_cache": str(tmp_path / "cache")}))
+    assert (tmp_path / "cache" / "notes.txt").read_text() == "mine"
 
 
 def test_interrupted_caching_resumes(tiny_recipe, tmp_path, monkeypatch):

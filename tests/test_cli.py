@@ -180,7 +180,7 @@ def test_train_loads_the_recipe_and_passes_run_dir_and_resume(tiny, tmp_path, jo
     [recipe] = args
     assert isinstance(recipe, Recipe)
     assert (recipe.train.batch_size, recipe.train.steps, recipe.name) == (8, 5, "tiny")
-    assert kwargs == {"run_dir": tmp_path / "run", "resume": True}
+    assert kwargs == {"run_dir": tmp_path / "run", "resume": True, "overwrite": False}
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "run")
 
 
@@ -189,7 +189,7 @@ def test_train_defaults(tiny, job):
     assert main(["train", str(tiny)]) == 0
     [(args, kwargs)] = calls
     assert args[0].train.batch_size == 4
-    assert kwargs == {"run_dir": None, "resume": False}
+    assert kwargs == {"run_dir": None, "resume": False, "overwrite": False}
 
 
 def test_train_error_is_a_one_line_message(tiny, job, capsys):
@@ -266,10 +266,11 @@ def test_cache_latents_loads_the_recipe_and_passes_out(tiny, tmp_path, job, caps
 @pytest.mark.parametrize(
     "module, function, args, kwargs",
     [
-        ("ditx.train", "train", ["recipe"], {"run_dir": None, "resume": False}),
-        ("ditx.sample", "sample_from", ["run"], {"num": None, "out": None, "recipe": None, "overrides": []}),
+        ("ditx.train", "train", ["recipe"], {"run_dir": None, "resume": False, "overwrite": False}),
+        ("ditx.sample", "sample_from", ["run"],
+         {"num": None, "out": None, "recipe": None, "overrides": [], "overwrite": False}),
         ("ditx.evaluate", "evaluate_run", ["run"], {"overrides": [], "out": None}),
-        ("ditx.cache", "cache_latents", ["recipe"], {"out": None}),
+        ("ditx.cache", "cache_latents", ["recipe"], {"out": None, "overwrite": False}),
     ],
 )
 def test_jobs_accept_the_arguments_the_cli_passes(module, function, args, kwargs):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ditx import checkpoint as ckpt
-from ditx.registry import datasets
-from ditx.train import DataBudgetError, NonFiniteLossError, train
+from ditx.files import OutputExistsError
+from ditx.registry import datasets, objectives
+from ditx.train import DataBudgetError, NonFiniteGradientError, NonFiniteLossError, train
 
 
 def final_weights(run: Path, name="model") -> dict[str, torch.Tensor]:
@@ -80,11 +81,108 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_recipe, tmp_path):
     assert_same_weights(final_weights(a), final_weights(b), atol=1e-6)
 
 
-def test_bf16_mixed_precision_trains_on_cpu(tiny_recipe, tmp_path):
-    run = train(tiny_recipe(train={"steps": 2, "mixed_precision": "bf16"}), run_dir=tmp_path / "run")
+def _linear_output_dtypes(recipe, run_dir) -> set[torch.dtype]:
+    """The dtypes every nn.Linear of the training produced (a global forward hook), then the run."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        train(recipe, run_dir=run_dir)
+    finally:
+        handle.remove()
+        from accelerate.state import AcceleratorState  # the next run may choose another precision
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return seen
+
+
+def test_bf16_mixed_precision_runs_the_matmuls_in_bf16_on_cpu(tiny_recipe, tmp_path):
+    bf16 = _linear_output_dtypes(tiny_recipe(train={"steps": 2, "mixed_precision": "bf16"}), tmp_path / "bf16")
+    assert bf16 == {torch.bfloat16}  # autocast really on: every training matmul in bf16
+    fp32 = _linear_output_dtypes(tiny_recipe(train={"steps": 2, "mixed_precision": "no"}), tmp_path / "fp32")
+    assert fp32 == {torch.float32}  # and the hook sees the difference
+    run = tmp_path / "bf16"
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < x < 10 for x in losses)
     assert all(v.dtype == torch.float32 for v in final_weights(run).values())  # master weights stay fp32
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_a_rerun_into_a_run_folder_is_refused_before_writing_anything(tiny_recipe, tmp_path, capsys):
+    run = train(tiny_recipe(train={"steps": 4}), run_dir=tmp_path / "run")
+    before = _tree(run)
+    with pytest.raises(OutputExistsError) as info:
+        train(tiny_recipe(), run_dir=run)
+    message = str(info.value)
+    assert "checkpoints up to step_00000004" in message and "--resume" in message and "--overwrite" in message
+    assert _tree(run) == before  # not one file written, touched or deleted
+    # --overwrite says what it deletes, then keeps nothing of the old run
+    train(tiny_recipe(train={"steps": 2}), run_dir=run, overwrite=True)
+    assert "--overwrite: deleting a training run (checkpoints up to step_00000004)" in capsys.readouterr().err
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(tiny_recipe(), run_dir=run, resume=True, overwrite=True)
+
+
+def test_the_command_line_refusal_is_one_line_naming_the_newest_checkpoint(tiny_recipe_file, tmp_path):
+    recipe = tiny_recipe_file(train={"steps": 2})
+    assert _ditx("train", recipe, "--run-dir", tmp_path / "run").returncode == 0
+    again = _ditx("train", recipe, "--run-dir", tmp_path / "run")
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1 and "step_00000002" in again.stderr and "--resume" in again.stderr
+
+
+def _corrupt(kind: str, checkpoint: Path) -> None:
+    if kind == "flipped byte":  # same size: only the SHA-256 can tell
+        f = checkpoint / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif kind == "truncated":
+        f = checkpoint / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    elif kind == "no manifest":
+        (checkpoint / "manifest.json").unlink()
+    elif kind == "missing file":
+        (checkpoint / "optimizer.safetensors").unlink()
+
+
+PROBLEMS = {"flipped byte": "does not match its SHA-256", "truncated": "truncated", "no manifest": "no manifest.json",
+            "missing file": "optimizer.safetensors is missing"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(PROBLEMS))
+def test_resume_falls_back_over_every_kind_of_corruption(tiny_recipe, tmp_path, kind):
+    full = train(tiny_recipe(), run_dir=tmp_path / "full")
+    part = train(tiny_recipe(train={"steps": 4}), run_dir=tmp_path / "part")
+    _corrupt(kind, part / "checkpoints" / "step_00000004")
+    with pytest.warns(UserWarning, match=rf"step_00000004: .*{PROBLEMS[kind]}"):
+        train(tiny_recipe(), run_dir=part, resume=True)
+    assert_same_weights(final_weights(part), final_weights(full))
+    assert_same_weights(final_weights(part, "ema"), final_weights(full, "ema"))
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_each_and_deleting_nothing(tiny_recipe, tmp_path):
+    part = train(tiny_recipe(train={"steps": 4}), run_dir=tmp_path / "part")
+    kept = ckpt.list_checkpoints(part / "checkpoints")
+    for kind, checkpoint in zip(["flipped byte", "no manifest"], kept):
+        _corrupt(kind, checkpoint)
+    before = _tree(part)
+    with pytest.raises(ckpt.CheckpointError) as info, pytest.warns(UserWarning):
+        train(tiny_recipe(), run_dir=part, resume=True)
+    message = str(info.value)
+    assert "step_00000002: does not match its SHA-256" in message.replace("model.safetensors ", "")
+    assert "step_00000004: no manifest.json" in message
+    assert _tree(part) == before
 
 
 class _Flaky(torch.utils.data.Dataset):
@@ -117,6 +215,80 @@ def flaky_dataset():
     datasets.register("test-flaky", _Flaky, replace=True)
     yield "test-flaky"
     datasets.unregister("test-flaky")
+
+
+class _Poisoned:
+    """A test objective: DDPM whose loss (``what="loss"``) or only its gradients (``what="grad"``)
+    turn NaN at the ``at``-th call, i.e. at that training step with one micro-batch per step."""
+
+    def __init__(self, at: int, what: str = "loss", **kwargs):
+        self.inner = objectives.build("ddpm", **kwargs)
+        self.at, self.what, self.calls = at, what, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def loss(self, *args, **kwargs):
+        self.calls += 1
+        terms = self.inner.loss(*args, **kwargs)
+        if self.calls == self.at:
+            if self.what == "loss":
+                terms["loss"] = terms["loss"] * float("nan")
+            else:
+                terms["loss"] = _NanGradient.apply(terms["loss"])
+        return terms
+
+
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.fixture
+def poisoned_objective():
+    objectives.register("test-poisoned", _Poisoned, replace=True)
+    yield "test-poisoned"
+    objectives.unregister("test-poisoned")
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_nan_on_a_checkpoint_step_stops_naming_it_and_no_checkpoint_holds_nan(
+    tiny_recipe, tmp_path, poisoned_objective, what
+):
+    recipe = tiny_recipe(objective={"name": poisoned_objective, "at": 8, "what": what},
+                         train={"steps": 12, "checkpoint_every": 4})  # fmt: skip
+    error = NonFiniteLossError if what == "loss" else NonFiniteGradientError
+    message = r"loss is nan at step 8 " if what == "loss" else r"gradient norm is nan at step 8 with a finite loss"
+    with pytest.raises(error, match=message + r".*last good checkpoint is .*step_00000004"):
+        train(recipe, run_dir=tmp_path / "run")
+    kept = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000004"]
+    for name in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in final_weights(tmp_path / "run", name).values())
+
+
+def test_a_checkpoint_with_nan_weights_is_never_written(tiny_recipe, tmp_path, monkeypatch):
+    """The last line of defence: weights turned NaN by the optimizer step of a checkpoint step
+    (finite loss and gradients, so the checks before the step cannot see it) are not saved."""
+    recipe = tiny_recipe(train={"steps": 4, "checkpoint_every": 2})
+    real_step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        if next(iter(self.state.values()))["step"] >= 4:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to write checkpoint step 4: the model weights"):
+        train(recipe, run_dir=tmp_path / "run")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_recipe, tmp_path, flaky_dataset):
@@ -172,29 +344,75 @@ def test_two_processes_equal_one_process_with_twice_the_batch_and_resume_on_one(
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5)
 
 
-def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(tiny_recipe_file, tmp_path):
-    recipe = tiny_recipe_file(train={"steps": 40, "checkpoint_every": 10})
-    ref = _ditx("train", recipe, "--run-dir", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    run = tmp_path / "killed"
+# 355 test digits, global batch 32: 11 steps an epoch, so epoch 1 starts at step 12; checkpoints
+# every 10 steps. A kill at step 15 comes after an epoch boundary that the checkpoint (step 10)
+# had not crossed, and a kill inside the write of step 20 must fall back to step 10.
+KILL_RECIPE = {"data": {"split": "test"}, "train": {"steps": 30, "checkpoint_every": 10, "batch_size": 32}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the kill recipe run start to end in one process."""
+    from conftest import tiny_recipe_dict
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    recipe = root / "kill.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(root, **KILL_RECIPE)))
+    done = _ditx("train", recipe, "--run-dir", root / "ref")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((root / "ref/checkpoints/step_00000010/trainer_state.json").read_text())
+    assert state["batches_per_epoch"] == 11  # the epoch arithmetic above
+    return recipe, root / "ref"
+
+
+def _kill_at(recipe: Path, run: Path, point: str) -> None:
+    """Start ``ditx train``, wait until it pauses at ``point`` (a test hook), then SIGKILL it."""
+    marker = run.parent / f"{run.name}.paused"
+    env = dict(os.environ, DITX_TEST_PAUSE=point, DITX_TEST_PAUSE_MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, "-m", "ditx.cli", "train", str(recipe), "--run-dir", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    log = run / "metrics.jsonl"
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill once past the first checkpoint, mid-way to the next
-        lines = log.read_text().splitlines() if log.exists() else []
-        if lines and json.loads(lines[-1])["step"] >= 13:
-            break
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before pausing at {point}: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"no pause at {point} within 300 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = json.loads(log.read_text().splitlines()[-1])["step"]
-    assert killed_at < 40, "the run finished before it could be killed"
+
+
+def _logged_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _resume_and_check(recipe: Path, run: Path, ref: Path, from_step: int) -> None:
+    logged = len(_logged_steps(run))
     resumed = _ditx("train", recipe, "--run-dir", run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"))
-    assert_same_weights(final_weights(run, "ema"), final_weights(tmp_path / "ref", "ema"))
-    shutil.rmtree(tmp_path / "ref")
+    # the resumed process starts at the checkpoint: it logs only the steps after it, and all of them
+    assert _logged_steps(run)[logged:] == list(range(from_step + 1, 31))
+    assert f"resumed from {run / 'checkpoints' / f'step_{from_step:08d}'} at step {from_step}" in (
+        (run / "train.log").read_text())  # fmt: skip
+    assert_same_weights(final_weights(run), final_weights(ref))  # bit-exact
+    assert_same_weights(final_weights(run, "ema"), final_weights(ref, "ema"))
+
+
+def test_sigkill_after_an_epoch_boundary_resumes_from_the_checkpoint_bit_exact(uninterrupted, tmp_path):
+    recipe, ref = uninterrupted
+    run = tmp_path / "killed"
+    _kill_at(recipe, run, "step:15")
+    assert _logged_steps(run) == list(range(1, 16))
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000010"]
+    _resume_and_check(recipe, run, ref, from_step=10)
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(uninterrupted, tmp_path):
+    recipe, ref = uninterrupted
+    run = tmp_path / "killed"
+    _kill_at(recipe, run, "checkpoint:20")
+    leftovers = [p.name for p in (run / "checkpoints").iterdir()]
+    assert "step_00000010" in leftovers and "step_00000020" not in leftovers
+    assert any(".step_00000020." in name for name in leftovers)  # the half-written temporary
+    _resume_and_check(recipe, run, ref, from_step=10)
 
 
 def test_ema_update_follows_its_closed_form():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ditx.tokenizer import Grid, PatchTokenizer, sincos_nd
@@ -60,13 +61,12 @@ class TriplaneTokenizer(PatchTokenizer):
         b, c, r, w = x.shape
         if w != 3 * r:
             raise ValueError(f"a rolled-out triplane is (B, C, R, 3R); got width {w} for R = {r} (expected {3 * r})")
-        return x.reshape(b, c, r, 3, r).permute(0, 1, 3, 2, 4)
+        return rearrange(x, "b c r (plane w) -> b c plane r w", plane=3)
 
     @staticmethod
     def roll(x: Tensor) -> Tensor:
         """(B, C, 3, R, R) -> (B, C, R, 3R), planes side by side along the width."""
-        b, c, _, r, r2 = x.shape
-        return x.permute(0, 1, 3, 2, 4).reshape(b, c, r, 3 * r2)
+        return rearrange(x, "b c plane r w -> b c r (plane w)")
 
     def _planes(self, x: Tensor) -> Tensor:
         if self.layout == "rolled":

@@ -1,0 +1,109 @@
+"""Output folders that are never overwritten silently, and fingerprints of data files.
+
+Every job that writes a folder (a training run, an autoencoder, a latent cache, samples)
+asks :func:`claim_output_folder` first: a folder that already holds files is refused with
+an error naming what is there and what to do (``--resume``, another ``--out``, or
+``--overwrite``); ``overwrite=True`` says what it deletes, then deletes it. A typo'd rerun
+of last night's command therefore stops before it writes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """An output folder already holds files and neither resuming nor overwriting was asked for."""
+
+
+def folder_entries(path: str | os.PathLike) -> list[Path]:
+    """What ``path`` holds (empty if it does not exist); an error if it is a file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    if not path.is_dir():
+        raise OutputExistsError(f"{path} exists and is a file, not a folder; choose another output folder")
+    return sorted(path.iterdir())
+
+
+def claim_output_folder(
+    path: str | os.PathLike, *, overwrite: bool, what: str, holds: str = "", instead: str = ""
+) -> None:
+    """Make sure writing into ``path`` destroys nothing unasked.
+
+    An empty or missing folder is fine. A folder with files raises :class:`OutputExistsError`
+    naming ``what`` it holds (``holds``: e.g. "checkpoints up to step_00000120") and the
+    options (``instead``, e.g. "continue it with --resume", and ``--overwrite``). With
+    ``overwrite=True`` it prints what it deletes, then empties the folder.
+    """
+    path = Path(path)
+    entries = folder_entries(path)
+    if not entries:
+        return
+    names = ", ".join(p.name for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+    found = f"{what} ({holds})" if holds else f"{what} ({names})"
+    if not overwrite:
+        options = f"{instead}, or " if instead else ""
+        raise OutputExistsError(
+            f"{path} already holds {found}; nothing was written. To keep it, {options}choose another folder; "
+            f"to delete it and start over, pass --overwrite"
+        )
+    print(f"--overwrite: deleting {found} in {path} ({len(entries)} entries: {names})", file=sys.stderr, flush=True)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def unique_folder(path: str | os.PathLike) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... : the first that does not exist yet."""
+    path = Path(path)
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate
+
+
+def files_fingerprint(root: str | os.PathLike, relative_paths: Iterable[str]) -> str:
+    """SHA-256 over each file's relative path, size and modification time (ns).
+
+    Cheap (one ``stat`` per file, no reading) and changes when a file is added, removed,
+    renamed, replaced or rewritten, even with the same count: what a cache of data derived
+    from these files must notice. A file that has gone missing counts as size -1.
+    """
+    root = Path(root)
+    digest = hashlib.sha256()
+    for rel in sorted(str(p) for p in relative_paths):
+        try:
+            st = (root / rel).stat()
+            facts = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            facts = "-1:-1"
+        digest.update(f"{rel}\0{facts}\n".encode())
+    return digest.hexdigest()
+
+
+PAUSE_ENV = "DITX_TEST_PAUSE"  # "step:15" or "checkpoint:20": where a test stops the process
+PAUSE_MARKER_ENV = "DITX_TEST_PAUSE_MARKER"  # a file created when the pause begins
+
+
+def pause_point(point: str) -> None:
+    """A test hook: when ``$DITX_TEST_PAUSE`` equals ``point``, create ``$DITX_TEST_PAUSE_MARKER``
+    and wait forever, so a test can kill the process at exactly this point (between steps,
+    or while a checkpoint is half written). Does nothing otherwise."""
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    import time
+
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(point)
+    while True:
+        time.sleep(60)
