@@ -36,11 +36,30 @@ class StaleCacheError(ValueError):
     """A latent cache that was made for different settings than the recipe's."""
 
 
-def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Everything the cached latents depend on."""
+def weights_sha256(module: Any) -> str | None:
+    """SHA-256 over a module's state (names, dtypes, shapes, values); None for a non-module.
+
+    Part of a cache's identity: autoencoder weights retrained at the same path change it.
+    """
+    import hashlib
+
+    if not isinstance(module, torch.nn.Module):
+        return None
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\n".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...], autoencoder: Any) -> dict[str, Any]:
+    """Everything the cached latents depend on: settings, the autoencoder's weights and
+    (through the dataset's ``cache_key``) its files' paths, sizes and modification times."""
     key = dataset.cache_key() if hasattr(dataset, "cache_key") else {}
     return {
         "autoencoder": recipe.autoencoder.to_dict(),
+        "autoencoder_weights": weights_sha256(autoencoder),
         "data": recipe.data.to_dict(),
         "dataset": key,
         "data_shape": list(dataset.data_shape),
@@ -102,7 +121,7 @@ def cache_latents(
     if hasattr(ae, "to"):
         ae.to(device)
     out = Path(out) if out else default_cache_dir(recipe)
-    fp = fingerprint(recipe, dataset, parts.latent_shape)
+    fp = fingerprint(recipe, dataset, parts.latent_shape, ae)
     index_path = out / INDEX_NAME
     progress_path = out / "progress.json"  # fingerprint of the shards written so far
     written = index_path if index_path.is_file() else progress_path if progress_path.is_file() else None
@@ -190,7 +209,7 @@ def maybe_cached_dataset(recipe: Recipe, parts: Any) -> Dataset:
                        "(run `ditx cache-latents` first to skip the autoencoder during training)", root)  # fmt: skip
         return parts.dataset
     index = json.loads(index_path.read_text())
-    expected = fingerprint(recipe, parts.dataset, parts.latent_shape)
+    expected = fingerprint(recipe, parts.dataset, parts.latent_shape, parts.autoencoder)
     got = index.get("fingerprint", {})
     if got != expected:
         differ = fingerprint_difference(expected, got)

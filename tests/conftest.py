@@ -3,9 +3,43 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import yaml
+
+# CI sets DITX_STRICT_SKIPS=1: a skipped test fails unless it is skipped for hardware this
+# machine lacks (its reason names CUDA), so a missing package can never hide a test in CI.
+STRICT_SKIPS_ENV = "DITX_STRICT_SKIPS"
+HARDWARE_REASONS = ("CUDA",)
+
+
+def _forbidden_skip(report) -> str | None:
+    """The reason of a skip that strict mode turns into a failure (None if allowed or no skip)."""
+    if not report.skipped or os.environ.get(STRICT_SKIPS_ENV) != "1" or hasattr(report, "wasxfail"):
+        return None
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return None if any(word in reason for word in HARDWARE_REASONS) else reason
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    reason = _forbidden_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which {STRICT_SKIPS_ENV}=1 forbids (not a hardware skip): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    reason = _forbidden_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = f"module skipped, which {STRICT_SKIPS_ENV}=1 forbids (not a hardware skip): {reason}"
 
 TINY_RECIPE = {
     "description": "test recipe: a 2-block DiT on 8x8 digits",

@@ -87,3 +87,49 @@ def test_interrupted_caching_resumes(tiny_recipe, tmp_path, monkeypatch):
     assert calls["n"] == -100 + 4  # 6 shards of 355 items, 2 already there
     a, b = CachedLatents(ref), CachedLatents(tmp_path / "cache")
     assert torch.equal(a.latents, b.latents) and torch.equal(a.labels, b.labels)
+
+
+def _image_folder(root, count=12):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def test_cache_is_refused_when_data_files_are_replaced_with_the_same_count(tiny_recipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = _image_folder(tmp_path / "images")
+    recipe = tiny_recipe(data={"name": "image-folder", "root": str(images), "size": 8},
+                         train={"latent_cache": str(tmp_path / "cache"), "batch_size": 4})  # fmt: skip
+    cache_latents(recipe)
+    maybe_cached_dataset(recipe, build_components(recipe))  # matches
+    # one image replaced by another one: same file count, same names
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "c0" / "0.png")
+    with pytest.raises(StaleCacheError, match=r"differs in: dataset\b"):
+        maybe_cached_dataset(recipe, build_components(recipe))
+
+
+def test_cache_is_refused_when_autoencoder_weights_change_at_the_same_path(tiny_recipe, tmp_path):
+    from diffusers import AutoencoderKL
+
+    kl = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8],
+              down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+              layers_per_block=1, norm_num_groups=4, sample_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    AutoencoderKL(**kl).save_pretrained(tmp_path / "vae")
+    images = _image_folder(tmp_path / "images")
+    recipe = tiny_recipe(data={"name": "image-folder", "root": str(images), "size": 8},
+                         autoencoder={"name": "sd-vae", "pretrained": str(tmp_path / "vae")},
+                         train={"latent_cache": str(tmp_path / "cache"), "batch_size": 4})  # fmt: skip
+    cache_latents(recipe)
+    maybe_cached_dataset(recipe, build_components(recipe))  # matches
+    torch.manual_seed(1)  # "retrained": other weights saved over the same folder
+    AutoencoderKL(**kl).save_pretrained(tmp_path / "vae")
+    with pytest.raises(StaleCacheError, match=r"differs in: autoencoder_weights\b"):
+        maybe_cached_dataset(recipe, build_components(recipe))

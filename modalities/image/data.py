@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ditx.data import deterministic_choice, has_extension, scan_class_folders
+from ditx.files import files_fingerprint
 
 logger = logging.getLogger("ditx.image")
 
@@ -231,6 +232,7 @@ class ImageFolderDataset(Dataset):
         return {
             "root": str(self.root.resolve()), "num_files": len(self), "num_classes": self.num_classes,
             "size": self.size, "flip": self.flip, "crop": "center-adm",
+            "files": files_fingerprint(self.root, (self.path(i) for i in range(len(self)))),
         }  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, Tensor | int]:

@@ -56,6 +56,7 @@ from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write, file_sha256
 from ditx.data import files_under, has_extension
+from ditx.files import files_fingerprint
 
 logger = logging.getLogger("ditx.shape3d")
 
@@ -852,7 +853,8 @@ class ShapeFolderDataset(Dataset):
 
     def cache_key(self) -> dict:
         return {"root": str(self.root.resolve()), "split": self.split, "num_files": len(self),
-                "num_classes": self.num_classes, "samples": self.settings.to_dict()}  # fmt: skip
+                "num_classes": self.num_classes, "samples": self.settings.to_dict(),
+                "files": files_fingerprint(self.root, self.files)}  # fmt: skip
 
     def __repr__(self) -> str:
         kind = f"{self.num_classes} classes" if self.num_classes else "unconditional"

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write
 from ditx.data import deterministic_choice, has_extension, scan_class_folders
+from ditx.files import files_fingerprint
 
 logger = logging.getLogger("ditx.video")
 
@@ -647,6 +648,7 @@ class VideoFolderDataset(Dataset):
             "size": self.size, "num_frames": self.num_frames, "frame_stride": self.frame_stride, "flip": self.flip,
             "short_policy": self.short_policy, "decode_size": self.decode_size,
             "crop": "short-side-bilinear-antialias-center", "temporal_crop": "center",
+            "files": files_fingerprint(self.root, (self.path(i) for i in range(len(self)))),
         }  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, Any]:
