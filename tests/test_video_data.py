@@ -544,3 +544,65 @@ def test_uint8_resize_matches_the_float_reference_to_one_grey_level(shape):
     ref = ref[:, :, top : top + 24, left : left + 24].permute(1, 0, 2, 3).clamp(0, 255) / 127.5 - 1
     assert got.shape == (3, t, 24, 24) and got.dtype == torch.float32
     assert (got.double() - ref).abs().max() <= 1.0 / 127.5 + 1e-6
+
+
+def _clip_breaking_mid_stream(path, num_frames: int = 16, size: int = 32) -> str:
+    """An H.264 MP4 (index at the front) whose second half is overwritten with noise: it opens, its
+    length is right and its first frames decode, but decoding its later frames fails."""
+    import av
+
+    rng = np.random.default_rng(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt, stream.options = "yuv420p", {"g": "4"}
+        for _ in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    data = bytearray(path.read_bytes())
+    half = len(data) // 2
+    data[half:] = rng.integers(0, 256, len(data) - half, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_a_clip_breaking_mid_stream_is_skipped_counted_named_and_counted_across_resume(
+    tiny_recipe, tmp_path, monkeypatch, caplog
+):
+    import decord
+
+    from ditx import checkpoint as ckpt
+    from ditx.train import DataBudgetError, train
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    for i in range(8):
+        coded_video(tmp_path / "clips" / f"good_{i}.mp4", 16)
+    bad = _clip_breaking_mid_stream(tmp_path / "clips" / "bad.mp4")
+    reader = decord.VideoReader(bad)
+    assert len(reader) == 16 and reader[0].shape == (32, 32, 3)  # it opens and starts well ...
+    with pytest.raises(Exception):  # noqa: B017  (decord's own error type)
+        reader.get_batch([13, 14, 15])  # ... and breaks later
+
+    def recipe(steps):  # 9 clips, global batch 3: the broken clip comes once an epoch (3 steps)
+        return tiny_recipe(
+            modality="video",
+            data={"name": "video-folder", "root": str(tmp_path / "clips"), "num_frames": 16, "size": 16},
+            tokenizer={"name": "tubelet", "patch_size": [4, 4, 4]},
+            train={"steps": steps, "batch_size": 3, "checkpoint_every": 3, "max_bad_samples": 1},
+            sample={"num_steps": 2, "num_samples": 1, "batch_size": 1},
+        )
+
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="ditx"):
+        train(recipe(3), run_dir=run)  # one epoch: one broken clip, within the budget of 1
+    assert f"cannot read video {bad}" in caplog.text
+    state = json.loads((ckpt.list_checkpoints(run / "checkpoints")[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["bad_samples"] == 1
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # the resumed run meets it again in the next epoch: 2 in all, over the budget
+    with pytest.raises(DataBudgetError, match=r"2 unreadable samples exceed train.max_bad_samples=1"):
+        train(recipe(6), run_dir=run, resume=True)
