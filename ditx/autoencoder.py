@@ -157,7 +157,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     out = Path(out) if out is not None else default_autoencoder_dir(recipe)
     if out.exists() and not overwrite:  # fail before training, not after
         raise OutputExistsError(
-            f"{out} already holds a trained autoencoder ({', '.join(p.name for p in sorted(out.iterdir())[:6])}); "
+            f"{out} already exists and holds an autoencoder ({', '.join(p.name for p in sorted(out.iterdir())[:6])}); "
             f"nothing was written. Pass --out DIR for another folder, or --overwrite to replace it"
         )
     if out.exists():  # replaced only when the new one is complete (an atomic rename at the end)

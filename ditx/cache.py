@@ -115,6 +115,9 @@ def cache_latents(
     from ditx.files import claim_output_folder, folder_entries
     from ditx.train import build_components
 
+    # seeded as training seeds it, so an autoencoder initialised from a config (not loaded) has the
+    # weights training will have: the cache's identity includes them
+    torch.manual_seed(recipe.train.seed)
     parts = build_components(recipe)
     dataset, ae = parts.dataset, parts.autoencoder
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -219,6 +219,7 @@ def test_sample_passes_path_num_out_recipe_and_overrides(tmp_path, job, capsys):
                 "recipe": "image/digits",
                 "overrides": ["sample.guidance_scale=4.0", "sample.num_steps=10"],
                 "fmt": None,
+                "overwrite": False,
             },
         )
     ]
@@ -234,7 +235,11 @@ def test_sample_format_npz(tmp_path, job):
 def test_sample_defaults(tmp_path, job):
     calls = job("ditx.sample", "sample_from", returns=tmp_path)
     assert main(["sample", str(tmp_path)]) == 0
-    assert calls == [((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": [], "fmt": None})]
+    assert calls == [
+        ((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": [], "fmt": None, "overwrite": False})
+    ]
+    assert main(["sample", str(tmp_path), "--overwrite"]) == 0
+    assert calls[-1][1]["overwrite"] is True
 
 
 @pytest.mark.parametrize("argv", [["--num", "0"], ["not-an-override"]])

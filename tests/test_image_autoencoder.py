@@ -288,6 +288,8 @@ def test_cli_train_autoencoder_prints_the_output_folder(tmp_path, capsys, one_th
     assert (out / "config.json").is_file() and (out / "metrics.json").is_file()
     assert main([*argv, "--out", str(out)]) == 2  # exists: a one-line error, not a traceback
     assert "already exists" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0  # says so, then replaces it
+    assert f"--overwrite: {out} will be replaced" in capsys.readouterr().err
     assert main([*argv, "autoencoder_train.stepz=2", "--out", str(out)]) == 2
     assert "autoencoder_train.stepz" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ditx.checkpoint import save_model
 from ditx.evaluate import evaluate_run
+from ditx.files import OutputExistsError
 from ditx.sample import generate, sample_from
 from ditx.train import build_components, train
 
@@ -37,6 +38,22 @@ def test_sample_writes_a_grid_and_labelled_pngs(tiny_run, tmp_path):
     assert npz["arr_1"].tolist() == [0, 1]
     with pytest.raises(ValueError, match="no 'mp4' output for image; formats: npz"):
         sample_from(ckpt_dir, num=1, out=tmp_path / "s3", fmt="mp4")
+
+
+def test_sample_output_folder_is_never_overwritten_silently(tiny_run, tmp_path, capsys):
+    out = sample_from(tiny_run, num=2, out=tmp_path / "samples")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(OutputExistsError, match=r"already holds samples.*--out DIR.*--overwrite"):
+        sample_from(tiny_run, num=2, out=out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    (out / "notes.txt").write_text("old")
+    sample_from(tiny_run, num=2, out=out, overwrite=True)  # says what it deletes, keeps nothing old
+    assert "--overwrite: deleting samples" in capsys.readouterr().err
+    assert not (out / "notes.txt").exists() and (out / "grid.png").is_file()
+    default = sample_from(tiny_run, num=1)  # the default folder inside the run is guarded the same way
+    with pytest.raises(OutputExistsError):
+        sample_from(tiny_run, num=1)
+    assert default.parent == tiny_run / "samples"
 
 
 def test_sample_data_size_samples_another_resolution(tiny_run, tmp_path):

@@ -89,7 +89,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "cache": root / "cache", "runs": root / "runs"}
 
 
-def train_calls(data: dict[str, Path], recipes: list[str]) -> list[list[str]]:
+def train_calls(data: dict[str, Path], recipes: list[str], case: str) -> list[list[str]]:
     """``ditx train RECIPE ...`` for each recipe: the recipe itself, two steps, paper-scale sizes shrunk
     and its data and pretrained VAE pointed at the stand-ins (nothing can be downloaded here)."""
     root = data["root"]
@@ -123,7 +123,8 @@ def train_calls(data: dict[str, Path], recipes: list[str]) -> list[list[str]]:
     missing = set(list_recipes()) - set(overrides)
     assert not missing, f"a shipped recipe has no two-step settings here: {missing}"
     return [
-        ["train", name, *overrides[name], "--run-dir", str(data["runs"] / name.replace("/", "-"))] for name in recipes
+        ["train", name, *overrides[name], "--run-dir", str(data["runs"] / case / name.replace("/", "-"))]
+        for name in recipes
     ]
 
 
@@ -154,8 +155,8 @@ def test_other_modalities_train_and_the_affected_one_says_what_to_install(case, 
     usable = [r for r in recipes if r.split("/")[0] not in affected]
     unusable = [r for r in recipes if r.split("/")[0] in affected]
     assert usable and unusable
-    calls = [["env"], *train_calls(data, usable), *(["recipes", "show", r] for r in unusable),
-             *train_calls(data, unusable)]  # fmt: skip
+    calls = [["env"], *train_calls(data, usable, case), *(["recipes", "show", r] for r in unusable),
+             *train_calls(data, unusable, case)]  # fmt: skip
     results = run_blocked(blocked, calls, data["cache"])
 
     env = results[0]  # ditx env names what is missing and for which modality
@@ -168,7 +169,7 @@ def test_other_modalities_train_and_the_affected_one_says_what_to_install(case, 
     for result in results[1 : 1 + len(usable)]:
         name = result["argv"][1]
         assert result["rc"] == 0, f"{name} failed with {blocked} missing:\n{result['stderr'][-3000:]}"
-        run = data["runs"] / name.replace("/", "-")
+        run = data["runs"] / case / name.replace("/", "-")
         assert (run / "checkpoints" / "step_00000002" / "manifest.json").is_file(), name
         assert any((run / "samples").rglob("*.*")), f"{name} wrote no preview samples"
     for result in results[1 + len(usable) :]:
