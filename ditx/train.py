@@ -375,6 +375,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         step, bad_samples = state["step"], state.get("bad_samples", 0)
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", found, step)
+            _forget_logged_steps_after(run_dir / "metrics.jsonl", step)
     accelerator.init_trackers(str(run_dir / "logs"), config=_flat_hparams(recipe))
 
     data = SkipBadSamples(dataset)
@@ -527,6 +528,20 @@ def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
 
     walk("", recipe.to_dict())
     return out
+
+
+def _forget_logged_steps_after(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (logged by a run that was interrupted later):
+    the resumed run logs them again, so each step appears once."""
+    from ditx import checkpoint as ckpt
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with ckpt.atomic_write(path) as tmp:
+            tmp.write_text("".join(keep))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
