@@ -233,8 +233,12 @@ def _resumable_checkpoint(ckpt_root: Path) -> Path:
     raise FileNotFoundError(f"--resume: {ckpt_root.parent} has no complete checkpoint to resume from")
 
 
-def _kept(last_good: Path | None) -> str:
-    return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+def _stopped(error: type[NonFiniteError], what: str, step: int, detail: str, last_good: Path | None) -> NonFiniteError:
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    return error(
+        f"{what} at step {step} {detail}; stopped before the optimizer step, {kept}. Lower train.lr, "
+        f"set train.grad_clip or use mixed_precision=no"
+    )
 
 
 def _lr_lambda(warmup: int):
@@ -449,11 +453,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 mean_loss = (stats[0] / stats[1].clamp(min=1)).item()
                 if not math.isfinite(mean_loss):
                     optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLossError(
-                        f"loss is {mean_loss} at step {step + 1} (micro-step {micro_step}); stopped before the "
-                        f"optimizer step, {_kept(last_good)}. Lower train.lr, set train.grad_clip or use "
-                        f"mixed_precision=no"
-                    )
+                    raise _stopped(NonFiniteLossError, f"loss is {mean_loss}", step + 1,
+                                   f"(micro-step {micro_step})", last_good)  # fmt: skip
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -465,11 +466,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                     if not torch.isfinite(grad_norm):
                         optimizer.zero_grad(set_to_none=True)
-                        raise NonFiniteGradientError(
-                            f"gradient norm is {float(grad_norm)} at step {step + 1} with a finite loss "
-                            f"({mean_loss:.4g}); stopped before the optimizer step, {_kept(last_good)}. Lower "
-                            f"train.lr, set train.grad_clip or use mixed_precision=no"
-                        )
+                        raise _stopped(NonFiniteGradientError, f"gradient norm is {float(grad_norm)}", step + 1,
+                                       f"with a finite loss ({mean_loss:.4g})", last_good)  # fmt: skip
                 optimizer.step()  # a no-op until the last micro-batch of the step
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:

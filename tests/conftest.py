@@ -22,24 +22,23 @@ def _forbidden_skip(report) -> str | None:
     return None if any(word in reason for word in HARDWARE_REASONS) else reason
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
+def _fail_forbidden_skip(outcome, what: str) -> None:
     report = outcome.get_result()
     reason = _forbidden_skip(report)
     if reason is not None:
         report.outcome = "failed"
-        report.longrepr = f"skipped, which {STRICT_SKIPS_ENV}=1 forbids (not a hardware skip): {reason}"
+        report.longrepr = f"{what} skipped, which {STRICT_SKIPS_ENV}=1 forbids (not a hardware skip): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    _fail_forbidden_skip((yield), "test")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
-    outcome = yield
-    report = outcome.get_result()
-    reason = _forbidden_skip(report)
-    if reason is not None:
-        report.outcome = "failed"
-        report.longrepr = f"module skipped, which {STRICT_SKIPS_ENV}=1 forbids (not a hardware skip): {reason}"
+    _fail_forbidden_skip((yield), "module")
+
 
 TINY_RECIPE = {
     "description": "test recipe: a 2-block DiT on 8x8 digits",
