@@ -241,10 +241,10 @@ def bench_clips(root: Path, s: Sizes) -> tuple[dict[str, Any], dict[str, Any]]:
 def bench_cache(root: Path, s: Sizes) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
+    from ditx.build import build_components
     from ditx.cache import CachedLatents, cache_latents, maybe_cached_dataset
     from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
     from ditx.recipe import load_recipe
-    from ditx.train import build_components
 
     recipe = load_recipe("video/moving-digits", [
         f"data.root={root / 'digits'}", f"data.num_clips_train={s.cache_items}", "data.num_clips_test=10",

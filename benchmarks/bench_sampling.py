@@ -6,7 +6,7 @@ a batch of 16 class labels (0..15) on DiT-S/2 over 32×32×4 latents (256 tokens
 learned sigma (8 output channels), then decoding the latents to 256×256 images with one tiny
 diffusers ``AutoencoderKL`` (block_out_channels [32, 64, 64, 64], f = 8, random weights).
 
-- ditx: ``ditx.sample.generate``, the path of ``ditx sample`` and training previews
+- ditx: ``ditx.generation.generate``, the path of ``ditx sample`` and training previews
   (``ditx.diffusion.sample`` with the ``ddpm`` objective's DDIM scheduler, then the ``sd-vae``
   autoencoder's ``decode``); bf16 rows set the recipe's ``train.mixed_precision: bf16``, which
   wraps sampling and decoding in CPU autocast.
@@ -71,8 +71,8 @@ from torch import Tensor, nn
 from ditx import build_dit
 from ditx.diffusion import DDPMObjective
 from ditx.dit import DIT_PRESETS, DiT
+from ditx.generation import generate
 from ditx.recipe import SampleConfig
-from ditx.sample import generate
 
 PRESET = "DiT-S/2"
 LATENT = (4, 32, 32)

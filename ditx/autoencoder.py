@@ -149,9 +149,9 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     from torch.utils.data import DataLoader, Subset, default_collate
     from tqdm.auto import tqdm
 
+    from ditx.build import build_dataset
     from ditx.checkpoint import atomic_write
     from ditx.registry import writers
-    from ditx.train import build_dataset
 
     cfg = recipe.autoencoder_train
     out = Path(out) if out is not None else default_autoencoder_dir(recipe)

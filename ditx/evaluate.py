@@ -12,44 +12,19 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ditx.build import build_metric, load_for_sampling, reference_dataset
 from ditx.checkpoint import atomic_write
+from ditx.generation import generate
 from ditx.registry import metrics as metric_registry
 
 logger = logging.getLogger("ditx.evaluate")
 
 
-def build_metric(spec: str | dict[str, Any]):
-    """A metric from a recipe entry: a registered name or ``{name: ..., **args}``."""
-    if isinstance(spec, str):
-        return spec, metric_registry.build(spec)
-    args = dict(spec)
-    name = args.pop("name", None)
-    if name is None:
-        raise ValueError(f"eval.metrics entry {spec!r} needs a 'name' (one of {metric_registry.names()})")
-    return name, metric_registry.build(name, **args)
-
-
-def reference_dataset(recipe: Any):
-    """Held-out data for metrics: the recipe's dataset with ``split: test`` when it has splits."""
-    import inspect
-
-    from ditx.registry import datasets
-    from ditx.train import build_dataset
-
-    params = inspect.signature(datasets.get(recipe.data.name)).parameters
-    if "split" not in params:
-        return build_dataset(recipe)
-    return build_dataset(recipe, split="test", **({"flip": False} if "flip" in params else {}))
-
-
 def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str | Path | None = None) -> dict:
     """``ditx eval RUN``: compute the recipe's ``eval.metrics``; writes ``metrics.json``."""
-    from ditx.sample import generate, load_for_sampling
-
     run = Path(run)
     recipe, parts, model = load_for_sampling(run, None, overrides)
     cfg = recipe.eval

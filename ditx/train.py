@@ -12,24 +12,21 @@ run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from ditx.build import build_components
 from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
-from ditx.dit import DiT, build_dit
 from ditx.files import pause_point
 from ditx.recipe import Recipe
-from ditx.registry import autoencoders, datasets, objectives
 
 logger = logging.getLogger("ditx.train")
 
@@ -48,98 +45,6 @@ class NonFiniteGradientError(NonFiniteError):
 
 class DataBudgetError(RuntimeError):
     """More unreadable samples than ``train.max_bad_samples`` allows."""
-
-
-# --------------------------------------------------------------------------------------
-# Building a recipe's components
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Components:
-    recipe: Recipe
-    dataset: Dataset | None
-    autoencoder: Any
-    objective: Any
-    model: DiT
-    data_shape: tuple[int, ...] | None
-    latent_shape: tuple[int, ...]
-    num_classes: int
-    # what sampling generates, when training items hold more (e.g. a clip plus image frames)
-    sample_data_shape: tuple[int, ...] | None = None
-    sample_latent_shape: tuple[int, ...] | None = None
-
-    def for_sampling(self) -> Components:
-        """These components with the shapes a trained model generates."""
-        if self.sample_latent_shape is None:
-            return self
-        return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape)
-
-
-def build_dataset(recipe: Recipe, **override: Any) -> Dataset:
-    """The recipe's dataset; ``override`` replaces arguments (e.g. ``split="test"``)."""
-    import inspect
-
-    factory = datasets.get(recipe.data.name)
-    args = dict(recipe.data.args, **override)
-    params = inspect.signature(factory).parameters
-    if "seed" in params and "seed" not in args:
-        args["seed"] = recipe.train.seed
-    return factory(**args)
-
-
-def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int, objective: Any) -> DiT:
-    m = recipe.model
-    in_channels = latent_shape[0]
-    tokenizer = recipe.tokenizer.to_dict()
-    tokenizer.setdefault("in_channels", in_channels)
-    tokenizer.setdefault("out_channels", objective.out_channels(in_channels))
-    sizes = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads") if getattr(m, k) is not None}
-    model = build_dit(
-        m.preset,
-        tokenizer=tokenizer,
-        num_classes=num_classes,
-        class_dropout_prob=m.class_dropout_prob,
-        mlp_ratio=m.mlp_ratio,
-        layout=m.layout,
-        attention_backend=m.attention_backend,
-        context_dim=m.context_dim,
-        **sizes,
-    )
-    model.enable_gradient_checkpointing(m.gradient_checkpointing)
-    return model
-
-
-def build_components(
-    recipe: Recipe,
-    dataset: Dataset | None = None,
-    *,
-    latent_shape: tuple[int, ...] | None = None,
-    num_classes: int | None = None,
-) -> Components:
-    """Dataset, autoencoder, objective and model of a recipe, with shapes checked together.
-
-    Sampling a trained model needs no data: given ``latent_shape`` and ``num_classes``
-    (stored with every checkpoint), the dataset is not built (``dataset``/``data_shape``
-    are then None).
-    """
-    autoencoder = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
-    objective = objectives.build(recipe.objective.name, **recipe.objective.args)
-    data_shape = None
-    if latent_shape is None or num_classes is None:
-        dataset = build_dataset(recipe) if dataset is None else dataset
-        data_shape = tuple(dataset.data_shape)
-        latent_shape = tuple(autoencoder.latent_shape(data_shape))
-        num_classes = int(getattr(dataset, "num_classes", 0))
-    if recipe.model.num_classes is not None:
-        num_classes = recipe.model.num_classes
-    model = build_model(recipe, tuple(latent_shape), num_classes, objective)
-    parts = Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
-    sample_shape = getattr(dataset, "sample_shape", None) if data_shape is not None else None
-    if sample_shape is not None and tuple(sample_shape) != data_shape:
-        parts.sample_data_shape = tuple(sample_shape)
-        parts.sample_latent_shape = tuple(autoencoder.latent_shape(sample_shape))
-    return parts
 
 
 # --------------------------------------------------------------------------------------
@@ -304,8 +209,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     from tqdm.auto import tqdm
 
     from ditx import checkpoint as ckpt
-    from ditx.cache import maybe_cached_dataset
-    from ditx.sample import write_previews
+    from ditx.generation import write_previews
+    from ditx.latents import maybe_cached_dataset
 
     cfg = recipe.train
     if resume and overwrite:

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from ditx.build import build_components
 from ditx.cache import CachedLatents, StaleCacheError, cache_latents, maybe_cached_dataset
 from ditx.files import OutputExistsError
-from ditx.train import build_components, train
+from ditx.train import train
 
 
 def test_cache_keeps_flipped_copies_and_training_reads_it(tiny_recipe, tmp_path):

@@ -264,8 +264,10 @@ def test_cache_latents_loads_the_recipe_and_passes_out(tiny, tmp_path, job, caps
     assert main(["cache-latents", str(tiny), "data.size=32", "--out", str(tmp_path / "cache")]) == 0
     [(args, kwargs)] = calls
     assert isinstance(args[0], Recipe) and args[0].data.args["size"] == 32
-    assert kwargs == {"out": tmp_path / "cache"}
+    assert kwargs == {"out": tmp_path / "cache", "overwrite": False}
     assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
+    assert main(["cache-latents", str(tiny), "--out", str(tmp_path / "cache"), "--overwrite"]) == 0
+    assert calls[-1][1]["overwrite"] is True
 
 
 @pytest.mark.parametrize(

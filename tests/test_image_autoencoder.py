@@ -239,7 +239,7 @@ def test_train_autoencoder_on_digits_writes_a_loadable_vae(tmp_path, one_thread)
     assert log[-1]["reconstruction"] < 0.5 * log[0]["reconstruction"]
 
     # the folder loads through the recipe's pretrained path and gives the trained weights' outputs
-    from ditx.train import build_dataset
+    from ditx.build import build_dataset
 
     vae = SDVAE(pretrained=str(out))
     assert vae.scaling_factor == pytest.approx(metrics["scaling_factor"])

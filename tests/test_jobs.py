@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from ditx.build import build_components
 from ditx.checkpoint import save_model
 from ditx.evaluate import evaluate_run
 from ditx.files import OutputExistsError
-from ditx.sample import generate, sample_from
-from ditx.train import build_components, train
+from ditx.generation import generate
+from ditx.sample import sample_from
+from ditx.train import train
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def test_sample_output_folder_is_never_overwritten_silently(tiny_run, tmp_path, 
 
 
 def test_sample_data_size_samples_another_resolution(tiny_run, tmp_path):
-    from ditx.sample import load_for_sampling
+    from ditx.build import load_for_sampling
 
     recipe, parts, model = load_for_sampling(tiny_run, overrides=["sample.data_size=[12,16]", "sample.num_steps=2"])
     assert parts.latent_shape == (1, 12, 16) and parts.data_shape == (1, 12, 16)
@@ -70,7 +72,7 @@ def test_sample_data_size_samples_another_resolution(tiny_run, tmp_path):
 
 
 def test_generation_does_not_depend_on_the_batch_size(tiny_run):
-    from ditx.sample import load_for_sampling
+    from ditx.build import load_for_sampling
 
     recipe, parts, model = load_for_sampling(tiny_run)
     recipe.sample.batch_size = 5

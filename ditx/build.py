@@ -1,0 +1,212 @@
+"""Recipe -> components: the one builder under every job.
+
+``build_components`` turns a recipe into its dataset, autoencoder, objective and DiT with
+their shapes checked together; ``load_for_sampling`` does the same for a trained run, a
+checkpoint or a converted model, with the weights loaded; ``reference_dataset`` and
+``build_metric`` give evaluation its held-out data and metrics. Train, sample, eval,
+cache-latents and train-autoencoder all build through here, so no job imports another
+to get its components.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ditx import checkpoint as ckpt
+from ditx.dit import DiT, build_dit
+from ditx.recipe import Recipe, load_recipe
+from ditx.registry import autoencoders, datasets, objectives
+from ditx.registry import metrics as metric_registry
+
+
+@dataclass
+class Components:
+    recipe: Recipe
+    dataset: Dataset | None
+    autoencoder: Any
+    objective: Any
+    model: DiT
+    data_shape: tuple[int, ...] | None
+    latent_shape: tuple[int, ...]
+    num_classes: int
+    # what sampling generates, when training items hold more (e.g. a clip plus image frames)
+    sample_data_shape: tuple[int, ...] | None = None
+    sample_latent_shape: tuple[int, ...] | None = None
+
+    def for_sampling(self) -> Components:
+        """These components with the shapes a trained model generates."""
+        if self.sample_latent_shape is None:
+            return self
+        return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape)
+
+
+def build_dataset(recipe: Recipe, **override: Any) -> Dataset:
+    """The recipe's dataset; ``override`` replaces arguments (e.g. ``split="test"``)."""
+    import inspect
+
+    factory = datasets.get(recipe.data.name)
+    args = dict(recipe.data.args, **override)
+    params = inspect.signature(factory).parameters
+    if "seed" in params and "seed" not in args:
+        args["seed"] = recipe.train.seed
+    return factory(**args)
+
+
+def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int, objective: Any) -> DiT:
+    m = recipe.model
+    in_channels = latent_shape[0]
+    tokenizer = recipe.tokenizer.to_dict()
+    tokenizer.setdefault("in_channels", in_channels)
+    tokenizer.setdefault("out_channels", objective.out_channels(in_channels))
+    sizes = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads") if getattr(m, k) is not None}
+    model = build_dit(
+        m.preset,
+        tokenizer=tokenizer,
+        num_classes=num_classes,
+        class_dropout_prob=m.class_dropout_prob,
+        mlp_ratio=m.mlp_ratio,
+        layout=m.layout,
+        attention_backend=m.attention_backend,
+        context_dim=m.context_dim,
+        **sizes,
+    )
+    model.enable_gradient_checkpointing(m.gradient_checkpointing)
+    return model
+
+
+def build_components(
+    recipe: Recipe,
+    dataset: Dataset | None = None,
+    *,
+    latent_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> Components:
+    """Dataset, autoencoder, objective and model of a recipe, with shapes checked together.
+
+    Sampling a trained model needs no data: given ``latent_shape`` and ``num_classes``
+    (stored with every checkpoint), the dataset is not built (``dataset``/``data_shape``
+    are then None).
+    """
+    autoencoder = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
+    objective = objectives.build(recipe.objective.name, **recipe.objective.args)
+    data_shape = None
+    if latent_shape is None or num_classes is None:
+        dataset = build_dataset(recipe) if dataset is None else dataset
+        data_shape = tuple(dataset.data_shape)
+        latent_shape = tuple(autoencoder.latent_shape(data_shape))
+        num_classes = int(getattr(dataset, "num_classes", 0))
+    if recipe.model.num_classes is not None:
+        num_classes = recipe.model.num_classes
+    model = build_model(recipe, tuple(latent_shape), num_classes, objective)
+    parts = Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
+    sample_shape = getattr(dataset, "sample_shape", None) if data_shape is not None else None
+    if sample_shape is not None and tuple(sample_shape) != data_shape:
+        parts.sample_data_shape = tuple(sample_shape)
+        parts.sample_latent_shape = tuple(autoencoder.latent_shape(sample_shape))
+    return parts
+
+
+def build_metric(spec: str | dict[str, Any]):
+    """A metric from a recipe entry: a registered name or ``{name: ..., **args}``."""
+    if isinstance(spec, str):
+        return spec, metric_registry.build(spec)
+    args = dict(spec)
+    name = args.pop("name", None)
+    if name is None:
+        raise ValueError(f"eval.metrics entry {spec!r} needs a 'name' (one of {metric_registry.names()})")
+    return name, metric_registry.build(name, **args)
+
+
+def reference_dataset(recipe: Any):
+    """Held-out data for metrics: the recipe's dataset with ``split: test`` when it has splits."""
+    import inspect
+
+    params = inspect.signature(datasets.get(recipe.data.name)).parameters
+    if "split" not in params:
+        return build_dataset(recipe)
+    return build_dataset(recipe, split="test", **({"flip": False} if "flip" in params else {}))
+
+
+def load_for_sampling(
+    path: str | Path, recipe: str | Path | None = None, overrides: list[str] | None = None, use_ema: bool | None = None
+):
+    """(recipe, components, model) for a run dir, a checkpoint dir or a ditx model dir."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run directory, a checkpoint or a model directory)")
+    if (path / "config.yaml").is_file():  # a run
+        run, checkpoint = path, ckpt.find_resumable(path / "checkpoints")
+        if checkpoint is None:
+            raise FileNotFoundError(f"run {path} has no complete checkpoint in {path / 'checkpoints'}")
+    elif (path / ckpt.MANIFEST_NAME).is_file():  # a checkpoint of a run
+        run, checkpoint = path.parent.parent, path
+        problem = ckpt.verify_checkpoint(path)
+        if problem:
+            raise ckpt.CheckpointError(f"checkpoint {path} is not usable: {problem}")
+    elif (path / "config.json").is_file():  # a ditx model (e.g. a converted official DiT)
+        if recipe is None:
+            raise ValueError(f"{path} is a model directory: pass --recipe to say how to sample and decode it")
+        r = load_recipe(recipe, overrides)
+        config = ckpt.read_model_config(path)
+        model = ckpt.load_model(path)
+        shape = (config.get("metadata") or {}).get("latent_shape")
+        parts = build_components(
+            r, latent_shape=tuple(shape) if shape else None, num_classes=config.get("num_classes")
+        )  # without a stored latent shape, the recipe's data tells it
+        _check_same_architecture(parts.model, model, path)
+        parts.model = model
+        _resize(parts, (config.get("metadata") or {}).get("data_shape"))
+        return r, parts, model
+    else:
+        raise FileNotFoundError(f"{path} is not a ditx run, checkpoint or model directory")
+    r = load_recipe(recipe or run / "config.yaml", overrides)
+    if recipe is None:
+        r.name = run.name
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    shape = state.get("latent_shape")  # absent in checkpoints of older runs: then the data tells
+    parts = build_components(r, latent_shape=tuple(shape) if shape else None, num_classes=state.get("num_classes"))
+    use_ema = r.sample.use_ema if use_ema is None else use_ema
+    weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
+    parts.model.load_state_dict(load_file(str(weights)))
+    _resize(parts, state.get("data_shape"))
+    return r, parts, parts.model
+
+
+def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:
+    """Apply ``sample.data_size``: sample another resolution or clip length than trained on.
+
+    Tokenizers compute position codes for any grid, so e.g. a video model trained on 16
+    frames samples 8 or 24 (``sample.data_size=[24,32,32]``).
+    """
+    size = parts.recipe.sample.data_size
+    if not size:
+        return
+    channels = trained_data_shape[0] if trained_data_shape else parts.latent_shape[0]
+    trained = trained_data_shape[1:] if trained_data_shape else parts.latent_shape[1:]
+    if len(size) != len(trained):
+        raise ValueError(
+            f"sample.data_size={list(size)} must give {len(trained)} sizes like the training data's {list(trained)}"
+        )
+    data_shape = (channels, *size)
+    parts.latent_shape = tuple(parts.autoencoder.latent_shape(data_shape))
+    grid_for = getattr(parts.model.x_embedder, "grid_for", None)
+    if grid_for is not None:
+        grid_for(parts.latent_shape[1:])  # a clear error now if the patch does not divide
+    parts.data_shape = data_shape
+
+
+def _check_same_architecture(expected: torch.nn.Module, got: torch.nn.Module, path: Path) -> None:
+    a = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in got.state_dict().items()}
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise ValueError(f"the model in {path} does not match the recipe's model (first differences: {diff})")

@@ -1,0 +1,122 @@
+"""A latent cache's identity and its reader: what training needs of a cache (``ditx.cache`` writes it).
+
+A cache's ``index.json`` holds a fingerprint of everything its latents depend on: the
+autoencoder's settings and a SHA-256 of its weights, the data arguments, the dataset's
+``cache_key`` (for folders: each file's path, size and mtime), the shapes. Training reads
+a cache only when the fingerprint matches the recipe's (:func:`maybe_cached_dataset`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ditx.data import deterministic_choice
+from ditx.recipe import Recipe
+
+logger = logging.getLogger("ditx.cache")
+
+INDEX_NAME = "index.json"
+CACHE_FORMAT = "ditx-latent-cache"
+
+
+class StaleCacheError(ValueError):
+    """A latent cache that was made for different settings than the recipe's."""
+
+
+def weights_sha256(module: Any) -> str | None:
+    """SHA-256 over a module's state (names, dtypes, shapes, values); None for a non-module.
+
+    Part of a cache's identity: autoencoder weights retrained at the same path change it.
+    """
+    import hashlib
+
+    if not isinstance(module, torch.nn.Module):
+        return None
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\n".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...], autoencoder: Any) -> dict[str, Any]:
+    """Everything the cached latents depend on: settings, the autoencoder's weights and
+    (through the dataset's ``cache_key``) its files' paths, sizes and modification times."""
+    key = dataset.cache_key() if hasattr(dataset, "cache_key") else {}
+    return {
+        "autoencoder": recipe.autoencoder.to_dict(),
+        "autoencoder_weights": weights_sha256(autoencoder),
+        "data": recipe.data.to_dict(),
+        "dataset": key,
+        "data_shape": list(dataset.data_shape),
+        "latent_shape": list(latent_shape),
+        "num_items": len(dataset),
+    }
+
+
+def fingerprint_difference(expected: dict[str, Any], got: dict[str, Any] | None) -> list[str]:
+    """The keys on which two fingerprints differ, sorted."""
+    got = got or {}
+    return sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+
+
+class CachedLatents(Dataset):
+    """Items ``{"x": latent, "y": label}`` from a cache; with several variants per item
+    (e.g. flipped), each epoch picks one per item deterministically."""
+
+    def __init__(self, root: str | Path, seed: int = 0):
+        from safetensors.torch import load_file
+
+        root = Path(root)
+        index = json.loads((root / INDEX_NAME).read_text())
+        parts = [load_file(str(root / s["file"])) for s in index["shards"]]
+        self.latents: Tensor = torch.cat([p["latents"] for p in parts])  # (N, V, *latent)
+        self.labels: Tensor = torch.cat([p["labels"] for p in parts])
+        self.variants = index["variants"]
+        self.data_shape = tuple(index["fingerprint"]["latent_shape"])
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        v = deterministic_choice(self.seed, self.epoch, index, self.variants) if self.variants > 1 else 0
+        item: dict[str, Any] = {"x": self.latents[index, v]}
+        if self.labels[index] >= 0:
+            item["y"] = int(self.labels[index])
+        return item
+
+
+def maybe_cached_dataset(recipe: Recipe, parts: Any) -> Dataset:
+    """The cached latents when ``train.latent_cache`` holds a cache matching the recipe,
+    else the recipe's dataset (with a warning if a cache was named but is missing)."""
+    root = recipe.train.latent_cache
+    if not root:
+        return parts.dataset
+    index_path = Path(root) / INDEX_NAME
+    if not index_path.is_file():
+        logger.warning("train.latent_cache=%s has no complete cache; encoding on the fly "
+                       "(run `ditx cache-latents` first to skip the autoencoder during training)", root)  # fmt: skip
+        return parts.dataset
+    index = json.loads(index_path.read_text())
+    expected = fingerprint(recipe, parts.dataset, parts.latent_shape, parts.autoencoder)
+    got = index.get("fingerprint", {})
+    if got != expected:
+        differ = fingerprint_difference(expected, got)
+        raise StaleCacheError(
+            f"latent cache {root} does not match the recipe (differs in: {', '.join(differ)}; "
+            f"cache has {[got.get(k) for k in differ]}, recipe needs {[expected.get(k) for k in differ]}). "
+            f"Re-run `ditx cache-latents` for this recipe or unset train.latent_cache"
+        )
+    return CachedLatents(root, seed=recipe.train.seed)
