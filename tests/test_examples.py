@@ -53,14 +53,8 @@ def test_custom_tokenizer_installs_trains_samples_and_evaluates(tmp_path):
         'ditx sample "$run"',
         'ditx eval "$run"',
     )
-    # installed for real (a wheel built from its pyproject.toml, entry points and all), into a folder
-    # that only this test's processes see; an editable install would add it to every later test
     site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
-         str(EXAMPLES / "custom_tokenizer")],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    _install(EXAMPLES / "custom_tokenizer", site)
     assert list(site.glob("ditx_rows-*.dist-info"))
     env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "DITX_CACHE": str(tmp_path / "cache")}
     run = ditx(
@@ -143,6 +137,42 @@ def test_own_clips_readme_caches_trains_and_samples(tmp_path):
     assert {"grid.mp4", "grid.gif"} <= {p.name for p in (tmp_path / out).iterdir()}
 
 
+def _install(package: Path, site: Path) -> None:
+    """A real install (a wheel built from its pyproject.toml, entry points and all) into a folder that
+    only this test's processes see; an editable install would add it to every later test."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         str(package)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_fourth_modality_from_outside_trains_samples_and_evaluates(tmp_path):
+    """examples/signals registers a tokenizer, dataset, metric and writer of its own through the
+    entry point: the contracts ditx calls are the whole contract."""
+    documented(
+        EXAMPLES / "signals" / "README.md",
+        "pip install -e examples/signals",
+        "run=$(ditx train examples/signals/signals.yaml)",
+        'ditx sample "$run"',
+        'ditx eval "$run"',
+    )
+    site = tmp_path / "site"
+    _install(EXAMPLES / "signals", site)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    run = ditx("train examples/signals/signals.yaml train.steps=60 train.checkpoint_every=60",
+               "train.output_dir=" + str(tmp_path / "runs"), env=env)  # fmt: skip
+    samples = Path(ditx(["sample", run], env=env))
+    assert {"signals.csv", "plot.png"} <= {p.name for p in samples.iterdir()}
+    rows = (samples / "signals.csv").read_text().splitlines()
+    assert len(rows) == 1 + 16 and len(rows[1].split(",")) == 1 + 64  # header, 16 samples of 64 values
+    ditx(["eval", run, "eval.num_samples=64"], env=env)
+    metrics = json.loads((Path(run) / "metrics.json").read_text())["metrics"]
+    assert metrics["reference_frequency_accuracy"] == 1.0  # the FFT judge on the data itself
+    assert 0.0 <= metrics["frequency_accuracy"] <= 1.0
+
+
 def test_every_example_has_a_test():
-    tested = {"custom_tokenizer", "own_images", "own_clips"}
+    tested = {"custom_tokenizer", "own_images", "own_clips", "signals"}
     assert {p.name for p in EXAMPLES.iterdir() if p.is_dir()} == tested
