@@ -39,6 +39,7 @@ class Components:
     # what sampling generates, when training items hold more (e.g. a clip plus image frames)
     sample_data_shape: tuple[int, ...] | None = None
     sample_latent_shape: tuple[int, ...] | None = None
+    source: Path | None = None  # the checkpoint the weights were loaded from, if any
 
     def for_sampling(self) -> Components:
         """These components with the shapes a trained model generates."""
@@ -143,15 +144,10 @@ def load_for_sampling(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (expected a run directory, a checkpoint or a model directory)")
-    if (path / "config.yaml").is_file():  # a run
-        run, checkpoint = path, ckpt.find_resumable(path / "checkpoints")
-        if checkpoint is None:
-            raise FileNotFoundError(f"run {path} has no complete checkpoint in {path / 'checkpoints'}")
+    if (path / "config.yaml").is_file():  # a run: its newest checkpoint whose read files are intact
+        run, checkpoint = path, None
     elif (path / ckpt.MANIFEST_NAME).is_file():  # a checkpoint of a run
         run, checkpoint = path.parent.parent, path
-        problem = ckpt.verify_checkpoint(path)
-        if problem:
-            raise ckpt.CheckpointError(f"checkpoint {path} is not usable: {problem}")
     elif (path / "config.json").is_file():  # a ditx model (e.g. a converted official DiT)
         if recipe is None:
             raise ValueError(f"{path} is a model directory: pass --recipe to say how to sample and decode it")
@@ -171,14 +167,60 @@ def load_for_sampling(
     r = load_recipe(recipe or run / "config.yaml", overrides)
     if recipe is None:
         r.name = run.name
+        resolve_run_paths(r, run)
+    use_ema = r.sample.use_ema if use_ema is None else use_ema
+    read = ("trainer_state.json", "ema.safetensors" if use_ema else "model.safetensors")
+    if checkpoint is None:
+        checkpoint = ckpt.find_resumable(run / "checkpoints", files=read)
+        if checkpoint is None:
+            raise FileNotFoundError(f"run {run} has no complete checkpoint in {run / 'checkpoints'}")
+    else:
+        problem = ckpt.verify_checkpoint(checkpoint, files=read)
+        if problem:
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint} is not usable: {problem}")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     shape = state.get("latent_shape")  # absent in checkpoints of older runs: then the data tells
     parts = build_components(r, latent_shape=tuple(shape) if shape else None, num_classes=state.get("num_classes"))
-    use_ema = r.sample.use_ema if use_ema is None else use_ema
-    weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
-    parts.model.load_state_dict(load_file(str(weights)))
+    parts.model.load_state_dict(load_file(str(checkpoint / read[1])))
+    parts.source = checkpoint
     _resize(parts, state.get("data_shape"))
     return r, parts, parts.model
+
+
+RUN = "${run}"  # in a run's config.yaml: the run folder itself, wherever it has moved
+
+
+def run_relative(recipe: Recipe, run_dir: Path) -> Recipe:
+    """A copy of ``recipe`` whose paths inside ``run_dir`` (a first stage's autoencoder and
+    latents) are written ``${run}/...``: a run folder refers to what it holds relative to
+    itself, so it can be moved or copied and still sampled from anywhere."""
+    import copy
+    import os
+
+    out = copy.deepcopy(recipe)
+    root = os.path.abspath(run_dir)
+
+    def relative(value: Any) -> Any:
+        full = os.path.abspath(value) if isinstance(value, str) else None
+        if full is not None and (full == root or full.startswith(root + os.sep)):
+            return RUN + full[len(root) :]
+        return value
+
+    if "pretrained" in out.autoencoder.args:
+        out.autoencoder.args["pretrained"] = relative(out.autoencoder.args["pretrained"])
+    out.train.latent_cache = relative(out.train.latent_cache)
+    return out
+
+
+def resolve_run_paths(recipe: Recipe, run_dir: Path) -> None:
+    """Undo ``run_relative`` for a recipe read from ``run_dir/config.yaml`` (in place)."""
+
+    def resolve(value: Any) -> Any:
+        return str(run_dir) + value[len(RUN):] if isinstance(value, str) and value.startswith(RUN) else value
+
+    if "pretrained" in recipe.autoencoder.args:
+        recipe.autoencoder.args["pretrained"] = resolve(recipe.autoencoder.args["pretrained"])
+    recipe.train.latent_cache = resolve(recipe.train.latent_cache)
 
 
 def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:

@@ -51,7 +51,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         for key, value in metric.compute(samples, labels).items():
             results[key] = float(value)
         protocols[name] = metric.protocol()
-    checkpoint = _checkpoint_of(run)
+    checkpoint = parts.source
     document = {
         "run": str(run),
         "recipe": recipe.name,
@@ -76,11 +76,3 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     logger.info("wrote %s", out)
     return results
-
-
-def _checkpoint_of(run: Path):
-    from ditx import checkpoint as ckpt
-
-    if (run / ckpt.MANIFEST_NAME).is_file():
-        return run
-    return ckpt.find_resumable(run / "checkpoints", quiet=True)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ditx.build import build_components
+from ditx.build import build_components, run_relative
 from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.files import pause_point
 from ditx.recipe import Recipe
@@ -175,9 +175,9 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
             logger.info("encoding the dataset once into %s", recipe.train.latent_cache)
             cache_latents(recipe)  # resumable; returns at once when complete
         accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # paths inside the run written relative to it (${run}/...)
         with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
-            tmp.write_text(recipe.to_yaml())
+            tmp.write_text(run_relative(recipe, run_dir).to_yaml())
     logger.info("stage 2: training the DiT on the latents of %s", out)
 
 
@@ -278,8 +278,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     step = 0
     bad_samples = 0
     if resume:
-        state = ckpt.load_training_state(
-            found, model, ema, optimizer, scheduler, accelerator.scaler, rank
+        state = ckpt.load_training_state(  # verified above, before anything was written
+            found, model, ema, optimizer, scheduler, accelerator.scaler, rank, verify=False
         )
         step, bad_samples = state["step"], state.get("bad_samples", 0)
         if accelerator.is_main_process:
@@ -296,7 +296,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         raise ValueError(f"the dataset has {len(data)} items, fewer than one global micro-batch of {micro_global}")
     micro_step = step * cfg.grad_accum
     progress = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    last_good = ckpt.find_resumable(ckpt_root, quiet=True) if accelerator.is_main_process else None
+    last_good = found  # a new run folder holds no checkpoint; a resumed one, the one it resumed from
     window: list[float] = []
     tic = time.perf_counter()
     model.train()

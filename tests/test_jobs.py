@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,49 @@ def test_official_dit_converts_and_samples_through_the_paper_recipe(tmp_path):
     arr = np.load(out / "samples.npz")["arr_0"]
     assert arr.shape == (3, 64, 64, 3)  # 8x8 latents decoded by the 8x VAE
     assert (out / "grid.png").is_file()
+
+
+def test_sampling_and_eval_hash_only_the_files_they_read(tiny_run, tmp_path, monkeypatch):
+    """Verification checks what is read, when it is read: never the optimizer states."""
+    import ditx.checkpoint as ckpt
+
+    hashed = []
+    real = ckpt.file_sha256
+    monkeypatch.setattr(ckpt, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    sample_from(tiny_run, num=2, out=tmp_path / "s")
+    assert sorted(hashed) == ["ema.safetensors", "trainer_state.json"]
+    hashed.clear()
+    evaluate_run(tiny_run, overrides=["eval.num_samples=10", "eval.batch_size=10"])
+    assert sorted(hashed) == ["ema.safetensors", "trainer_state.json"]
+    # a corrupt optimizer state does not stop sampling from that checkpoint (it is not read) ...
+    newest = tiny_run / "checkpoints" / "step_00000002"
+    data = bytearray((newest / "optimizer.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "optimizer.safetensors").write_bytes(bytes(data))
+    from ditx.build import load_for_sampling
+
+    assert load_for_sampling(tiny_run)[1].source == newest
+    # ... while resuming, which reads it, refuses that checkpoint
+    assert ckpt.verify_checkpoint(newest) is not None
+
+
+@pytest.mark.slow
+def test_a_moved_two_stage_run_samples_and_evaluates_from_anywhere(tiny_recipe, tmp_path, monkeypatch):
+    """A run folder refers to what it holds (the first stage's autoencoder) relative to itself."""
+    import shutil
+
+    recipe = tiny_recipe(
+        data={"size": 16, "channels": 3},
+        autoencoder={"name": "sd-vae", "config": "tiny"},
+        autoencoder_train={"first_stage": True, "steps": 2, "batch_size": 8},
+        train={"steps": 2},
+        eval={"metrics": ["digits"], "num_samples": 20, "batch_size": 20},
+    )
+    run = train(recipe, run_dir=tmp_path / "a" / "run")
+    assert "${run}/autoencoder" in (run / "config.yaml").read_text()
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.move(str(run), str(moved))
+    monkeypatch.chdir(tmp_path)  # another working directory, and the old folder is gone
+    out = sample_from(moved, num=2)
+    assert (out / "grid.png").is_file()
+    assert "class_accuracy" in evaluate_run(moved)

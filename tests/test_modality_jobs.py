@@ -83,7 +83,7 @@ def test_shape3d_both_stages_sample_eval(tmp_path, monkeypatch):
     run = train(recipe(2), run_dir=tmp_path / "run")
     ae = json.loads((run / "autoencoder" / "metrics.json").read_text())
     assert 0.0 <= ae["iou"] <= 1.0 and ae["steps"] == 3
-    assert "pretrained: " + str(run / "autoencoder") in (run / "config.yaml").read_text()
+    assert "pretrained: ${run}/autoencoder" in (run / "config.yaml").read_text()  # relative to the run
     assert (run / "latents" / "index.json").is_file()  # stage 2 trained on latents encoded once
     # the resumed run keeps the trained autoencoder instead of training it again
     stamp = (run / "autoencoder" / "model.safetensors").stat().st_mtime_ns
