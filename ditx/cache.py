@@ -33,11 +33,12 @@ from ditx.latents import (
 )
 from ditx.recipe import Recipe
 
-__all__ = ["CachedLatents", "StaleCacheError", "cache_latents", "default_cache_dir", "maybe_cached_dataset"]
+__all__ = ["CachedLatents", "StaleCacheError", "cache_latents", "default_cache_folder", "maybe_cached_dataset"]
 
 logger = logging.getLogger("ditx.cache")
 
-def default_cache_dir(recipe: Recipe) -> Path:
+def default_cache_folder(recipe: Recipe) -> Path:
+    """Where ``ditx cache-latents`` writes without ``--out``: ``train.latent_cache``, else ``cache/<recipe>``."""
     if recipe.train.latent_cache:
         return Path(recipe.train.latent_cache)
     return Path("cache") / (recipe.name or "recipe").replace("/", "-")
@@ -86,7 +87,7 @@ def cache_latents(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if hasattr(ae, "to"):
         ae.to(device)
-    out = Path(out) if out else default_cache_dir(recipe)
+    out = Path(out) if out else default_cache_folder(recipe)
     fp = fingerprint(recipe, dataset, parts.latent_shape, ae)
     index_path = out / INDEX_NAME
     progress_path = out / "progress.json"  # fingerprint of the shards written so far

@@ -107,3 +107,16 @@ def pause_point(point: str) -> None:
         Path(marker).write_text(point)
     while True:
         time.sleep(60)
+
+
+def ditx_cache_dir(*parts: str) -> Path:
+    """Where ditx keeps what it can rebuild (judges' classifiers, video probe indexes, mesh
+    samples, generated tiny datasets): ``$DITX_CACHE``, else ``$XDG_CACHE_HOME/ditx``, else
+    ``~/.cache/ditx``; ``parts`` are appended. The one rule every modality uses."""
+    root = os.environ.get("DITX_CACHE")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ditx"
+    return base.joinpath(*parts)

@@ -134,3 +134,17 @@ def test_cache_is_refused_when_autoencoder_weights_change_at_the_same_path(tiny_
     AutoencoderKL(**kl).save_pretrained(tmp_path / "vae")
     with pytest.raises(StaleCacheError, match=r"differs in: autoencoder_weights\b"):
         maybe_cached_dataset(recipe, build_components(recipe))
+
+
+def test_one_cache_folder_rule_for_every_modality(monkeypatch, tmp_path):
+    from ditx.files import ditx_cache_dir
+    from modalities.shape3d.data import PrimitivesDataset  # noqa: F401  (imports resolve)
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ditx_cache_dir("shape3d-samples") == tmp_path / "mine" / "shape3d-samples"
+    monkeypatch.delenv("DITX_CACHE")
+    assert ditx_cache_dir() == tmp_path / "xdg" / "ditx"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ditx_cache_dir("moving-digits") == tmp_path / "home" / ".cache" / "ditx" / "moving-digits"

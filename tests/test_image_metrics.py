@@ -8,6 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from ditx.files import ditx_cache_dir
 from modalities.image import metrics as M
 from modalities.image.data import DigitsDataset
 
@@ -235,7 +236,7 @@ def test_corrupted_cache_file_is_retrained_with_a_warning(cache_dir, classifier,
 
 def test_cache_location_and_key(monkeypatch, tmp_path):
     monkeypatch.setenv("DITX_CACHE", str(tmp_path))
-    assert M.default_cache_dir() == tmp_path
+    assert ditx_cache_dir() == tmp_path
     s16, s32 = M.classifier_settings(16, 1), M.classifier_settings(32, 1)
     assert M.classifier_cache_path(s16).parent == tmp_path
     assert M.classifier_cache_path(s16) != M.classifier_cache_path(s32)

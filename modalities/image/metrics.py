@@ -89,6 +89,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write, file_sha256
+from ditx.files import ditx_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +193,6 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    """``$DITX_CACHE`` if set, else ``~/.cache/ditx``."""
-    return Path(os.environ.get("DITX_CACHE") or Path.home() / ".cache" / "ditx")
-
-
 def _shift_1px(x: Tensor, generator: torch.Generator) -> Tensor:
     """Shift each image by a random (dy, dx) in {-1, 0, 1}², filling with background (-1)."""
     b, _, h, w = x.shape
@@ -265,7 +261,7 @@ def _test_accuracy(model: DigitsClassifier, settings: dict[str, Any]) -> float:
 
 
 def classifier_cache_path(settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir()
     return cache / f"digits-classifier-{settings_hash(settings)}.safetensors"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modalities.shape3d.mesh import ShapeFolderDataset, default_cache_dir, write_primitives
+from ditx.files import ditx_cache_dir
+from modalities.shape3d.mesh import ShapeFolderDataset, write_primitives
 
 __all__ = ["ShapeFolderDataset", "PrimitivesDataset"]
 
@@ -26,6 +27,6 @@ class PrimitivesDataset(ShapeFolderDataset):
         data_seed: int = 0,
         **kwargs,
     ):
-        root = Path(root).expanduser() if root is not None else Path(default_cache_dir()).parent / "primitives"
+        root = Path(root).expanduser() if root is not None else ditx_cache_dir("primitives")
         write_primitives(root, num_train=num_train, num_test=num_test, seed=data_seed)
         super().__init__(str(root), split=split, **kwargs)

@@ -56,7 +56,7 @@ from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write, file_sha256
 from ditx.data import files_under, has_extension
-from ditx.files import files_fingerprint
+from ditx.files import ditx_cache_dir, files_fingerprint
 
 logger = logging.getLogger("ditx.shape3d")
 
@@ -469,11 +469,6 @@ class SampleSettings:
 SAMPLE_ARRAYS = ("surface", "normals", "volume_points", "volume_occupancy", "near_points", "near_occupancy")
 
 
-def default_cache_dir() -> Path:
-    """``$DITX_CACHE/shape3d-samples``, or ``~/.cache/ditx/shape3d-samples``."""
-    return Path(os.environ.get("DITX_CACHE") or Path.home() / ".cache" / "ditx") / "shape3d-samples"
-
-
 def mesh_file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a mesh file; for ``.gltf`` also of the local files its buffers and images name."""
     path = Path(path)
@@ -544,12 +539,12 @@ def preprocess_mesh(
     plus ``center`` (3,) and ``scale`` () of the normalisation.
 
     The cache file is ``<cache_dir>/<sha256 of the file>-<settings hash>.npz`` (default
-    ``cache_dir``: ``default_cache_dir()``), written atomically; editing the file or changing
+    ``cache_dir``: ``ditx.files.cache_dir("shape3d-samples")``), written atomically; editing the file or changing
     a setting gives a new entry, and an unreadable entry is recomputed. Raises
     ``MeshError`` for a file that cannot be loaded.
     """
     settings = SampleSettings.coerce(settings)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir("shape3d-samples")
     target, _ = _ensure_cached(Path(path), settings, cache)
     return _read_samples(target, settings)
 
@@ -592,7 +587,7 @@ def preprocess_folder(
     retries those.
     """
     settings = SampleSettings.coerce(settings)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir("shape3d-samples")
     paths = [str(p) for p in paths]
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (0: in this process), got {num_workers}")
@@ -717,7 +712,7 @@ class ShapeFolderDataset(Dataset):
         self.split, self.test_fraction, self.extensions = split, test_fraction, exts
         self.query_size, self.seed, self.epoch = query_size, seed, 0
         self.uniform_points = uniform_points
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else ditx_cache_dir("shape3d-samples")
 
         files, labels, self.classes = self._scan(class_folders)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
@@ -956,7 +951,7 @@ def write_primitives(
 
 __all__ = [
     "MESH_EXTENSIONS", "UNIT_CUBE", "MeshError", "load_mesh", "normalize_mesh", "orient_outward",
-    "WindingTree", "winding_number", "occupancy", "sample_points", "SampleSettings", "default_cache_dir",
+    "WindingTree", "winding_number", "occupancy", "sample_points", "SampleSettings",
     "mesh_file_sha256", "preprocess_mesh", "PreprocessReport", "preprocess_folder", "held_out",
     "ShapeFolderDataset", "PRIMITIVE_KINDS", "PRIMITIVE_FORMATS", "make_primitive", "write_primitives",
 ]  # fmt: skip

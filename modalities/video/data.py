@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from ditx.checkpoint import atomic_write
 from ditx.data import deterministic_choice, has_extension, scan_class_folders
-from ditx.files import files_fingerprint
+from ditx.files import ditx_cache_dir, files_fingerprint
 
 logger = logging.getLogger("ditx.video")
 
@@ -36,12 +36,6 @@ SHORT_POLICIES = ("skip", "loop", "pad")
 SPLITS = ("train", "test", "eval")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 INDEX_FORMAT = "ditx-video-index"
-
-
-def default_cache_dir() -> Path:
-    """``$DITX_CACHE`` (as the image metrics use), else ``$DITX_CACHE_DIR``, else ``~/.cache/ditx``."""
-    env = os.environ.get("DITX_CACHE") or os.environ.get("DITX_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ditx"
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +480,7 @@ class VideoFolderDataset(Dataset):
             )
 
         # how long is each video: read once, through the on-disk index
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else ditx_cache_dir()
         infos = probe_videos(paths, cache, self.root)
         span = clip_span(num_frames, frame_stride)
         keep, unreadable, short, skipped = [], [], 0, 0
@@ -865,7 +859,7 @@ class MovingDigitsDataset(VideoFolderDataset):
         for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"moving-digits {arg} must be a positive integer, got {value!r}")
-        folder = Path(root).expanduser() if root is not None else default_cache_dir() / "moving-digits"
+        folder = Path(root).expanduser() if root is not None else ditx_cache_dir("moving-digits")
         self.data_settings = {
             "num_clips_per_split": {"train": num_clips_train, "test": num_clips_test},
             "num_frames": max(2, clip_span(num_frames, frame_stride)), "size": size, "seed": data_seed,

@@ -107,6 +107,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ditx.checkpoint import file_sha256
+from ditx.files import ditx_cache_dir
 from modalities.image.metrics import (
     CLASSIFIER_INPUT_SIZE,
     FEATURE_DIM,
@@ -116,7 +117,6 @@ from modalities.image.metrics import (
     _package_version,
     _shift_1px,
     cached_classifier,
-    default_cache_dir,
     frechet_distance,
     settings_hash,
 )
@@ -719,7 +719,7 @@ def train_moving_digits_classifier(
 
 
 def moving_digits_classifier_path(settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir()
     return cache / f"moving-digits-classifier-{settings_hash(settings)}.safetensors"
 
 
