@@ -150,7 +150,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     from tqdm.auto import tqdm
 
     from ditx.build import build_dataset
-    from ditx.checkpoint import atomic_write
+    from ditx.files import atomic_write
     from ditx.registry import writers
 
     cfg = recipe.autoencoder_train

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import atomic_write
+from ditx.files import atomic_write
 from ditx.latents import (
     CACHE_FORMAT,
     INDEX_NAME,

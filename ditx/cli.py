@@ -113,7 +113,8 @@ def add_convert_parser(subparsers) -> None:
 
 
 def run_convert_dit_official(args: argparse.Namespace) -> int:
-    from ditx.checkpoint import inspect_official_dit, load_official_dit, read_state_dict, save_model
+    from ditx.checkpoint import save_model
+    from ditx.official import inspect_official_dit, load_official_dit, read_state_dict
 
     if args.out.exists() and not args.overwrite:  # fail before the (slow) load
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ditx.build import build_metric, load_for_sampling, reference_dataset
-from ditx.checkpoint import atomic_write
+from ditx.files import atomic_write
 from ditx.generation import generate
 from ditx.registry import metrics as metric_registry
 

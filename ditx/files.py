@@ -1,4 +1,8 @@
-"""Output folders that are never overwritten silently, and fingerprints of data files.
+"""Files that are never lost: atomic writes, hashes, output folders never overwritten silently,
+fingerprints of data files, and the one cache-folder rule.
+
+``atomic_write``: everything goes to a temporary sibling that is fsynced and then renamed
+onto the target, so a crash or bad input never leaves half a file or folder.
 
 Every job that writes a folder (a training run, an autoencoder, a latent cache, samples)
 asks :func:`claim_output_folder` first: a folder that already holds files is refused with
@@ -9,12 +13,109 @@ of last night's command therefore stops before it writes anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory entry list (no-op where directories can't be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                _fsync_path(Path(root, name))
+            _fsync_path(Path(root))
+    else:
+        _fsync_path(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    # hidden, unique, in the same directory (so the final rename stays on one filesystem)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{tag}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, directory: bool = False, overwrite: bool = True) -> Iterator[Path]:
+    """Write ``path`` all at once: yields a temporary path to write, renamed onto ``path`` on success.
+
+    The temporary file (or, with ``directory=True``, an empty directory) sits next to
+    ``path``. When the block finishes, its contents are fsynced and it replaces ``path``
+    (``os.replace``; an existing directory is first moved aside and deleted after the
+    swap). If the block raises, the temporary is removed and ``path`` is left as it was.
+    With ``overwrite=False`` an existing ``path`` is a ``FileExistsError``.
+
+    ::
+
+        with atomic_write("ckpt/step-1000", directory=True) as tmp:
+            save_file(state, tmp / "model.safetensors")
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; remove it or choose another output path")
+    if path.exists() and path.is_dir() != directory:
+        error = IsADirectoryError if path.is_dir() else NotADirectoryError
+        kind = "a directory" if path.is_dir() else "a file"
+        raise error(f"{path} is {kind}; cannot replace it with a {'directory' if directory else 'file'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary path {tmp} for {path}")
+        _fsync_tree(tmp)
+        if directory and path.exists():
+            # rename() cannot replace a non-empty directory: swap through a moved-aside copy
+            old = _sibling(path, "old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class OutputExistsError(FileExistsError):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ditx.build import build_components, run_relative
 from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
-from ditx.files import pause_point
+from ditx.files import atomic_write, pause_point
 from ditx.recipe import Recipe
 
 logger = logging.getLogger("ditx.train")
@@ -154,7 +154,6 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
     """Two-stage recipes (``autoencoder_train.first_stage``): train the autoencoder into
     ``<run>/autoencoder`` unless it is there (a resumed run) or the recipe names weights,
     and point the recipe (and the run's config.yaml) at it."""
-    from ditx import checkpoint as ckpt
     from ditx.autoencoder import train_autoencoder
 
     if not recipe.autoencoder_train.first_stage or recipe.autoencoder.args.get("pretrained"):
@@ -176,7 +175,7 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
             cache_latents(recipe)  # resumable; returns at once when complete
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # paths inside the run written relative to it (${run}/...)
-        with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
+        with atomic_write(run_dir / "config.yaml") as tmp:
             tmp.write_text(run_relative(recipe, run_dir).to_yaml())
     logger.info("stage 2: training the DiT on the latents of %s", out)
 
@@ -250,7 +249,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with ckpt.atomic_write(run_dir / "config.yaml") as tmp:
+        with atomic_write(run_dir / "config.yaml") as tmp:
             tmp.write_text(recipe.to_yaml())
         _setup_file_logging(run_dir / "train.log")
     accelerator.wait_for_everyone()
@@ -436,14 +435,13 @@ def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
 def _forget_logged_steps_after(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (logged by a run that was interrupted later):
     the resumed run logs them again, so each step appears once."""
-    from ditx import checkpoint as ckpt
 
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
     keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(keep) != len(lines):
-        with ckpt.atomic_write(path) as tmp:
+        with atomic_write(path) as tmp:
             tmp.write_text("".join(keep))
 
 

@@ -8,18 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditx.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    inspect_official_dit,
-    load_model,
-    load_official_dit,
-    official_dit_keys,
-    read_state_dict,
-    save_model,
-)
+from ditx.checkpoint import CheckpointError, load_model, save_model
 from ditx.cli import main
 from ditx.dit import DiT, build_dit
+from ditx.files import atomic_write
+from ditx.official import inspect_official_dit, load_official_dit, official_dit_keys, read_state_dict
 from ditx.tokenizer import sincos_nd
 
 # ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ditx.checkpoint import atomic_write
+from ditx.files import atomic_write
 
 
 def images_to_uint8(images: Tensor) -> Tensor:

@@ -88,8 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import atomic_write, file_sha256
-from ditx.files import ditx_cache_dir
+from ditx.files import atomic_write, ditx_cache_dir, file_sha256
 
 logger = logging.getLogger(__name__)
 

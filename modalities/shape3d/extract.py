@@ -31,7 +31,7 @@ import torch
 import trimesh
 from torch import Tensor
 
-from ditx.checkpoint import atomic_write
+from ditx.files import atomic_write
 
 EXPORT_FORMATS = ("obj", "ply", "glb", "stl", "off")
 DEFAULT_CHUNK = 16384  # query points per occupancy_fn call (see the module doc)

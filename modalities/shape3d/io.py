@@ -17,7 +17,7 @@ import trimesh
 from PIL import Image
 from torch import Tensor
 
-from ditx.checkpoint import atomic_write
+from ditx.files import atomic_write
 from modalities.image.io import make_grid
 from modalities.shape3d.extract import EmptySurfaceError, export_mesh, mesh_from_grid
 

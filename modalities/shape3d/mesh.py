@@ -54,9 +54,8 @@ import trimesh
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import atomic_write, file_sha256
 from ditx.data import files_under, has_extension
-from ditx.files import ditx_cache_dir, files_fingerprint
+from ditx.files import atomic_write, ditx_cache_dir, file_sha256, files_fingerprint
 
 logger = logging.getLogger("ditx.shape3d")
 

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import atomic_write
 from ditx.data import deterministic_choice, has_extension, scan_class_folders
-from ditx.files import ditx_cache_dir, files_fingerprint
+from ditx.files import atomic_write, ditx_cache_dir, files_fingerprint
 
 logger = logging.getLogger("ditx.video")
 

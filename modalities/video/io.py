@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ditx.checkpoint import atomic_write
+from ditx.files import atomic_write
 from modalities.image.io import images_to_uint8, make_grid
 
 VIDEO_SUFFIXES = (".mp4", ".gif")

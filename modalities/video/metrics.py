@@ -106,8 +106,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ditx.checkpoint import file_sha256
-from ditx.files import ditx_cache_dir
+from ditx.files import ditx_cache_dir, file_sha256
 from modalities.image.metrics import (
     CLASSIFIER_INPUT_SIZE,
     FEATURE_DIM,
