@@ -11,14 +11,11 @@ import torch
 import trimesh
 
 from modalities.shape3d import mesh as shape_mesh
+from modalities.shape3d.data import ShapeFolderDataset, held_out
 from modalities.shape3d.mesh import (
     MESH_EXTENSIONS,
-    PRIMITIVE_FORMATS,
-    PRIMITIVE_KINDS,
     MeshError,
     SampleSettings,
-    ShapeFolderDataset,
-    held_out,
     load_mesh,
     normalize_mesh,
     occupancy,
@@ -26,8 +23,8 @@ from modalities.shape3d.mesh import (
     preprocess_mesh,
     sample_points,
     winding_number,
-    write_primitives,
 )
+from modalities.shape3d.primitives import PRIMITIVE_FORMATS, PRIMITIVE_KINDS, write_primitives
 
 SMALL = {"n_surface": 64, "n_volume": 128, "n_near": 128}
 
