@@ -12,16 +12,9 @@ import torch
 
 from ditx.data import deterministic_choice
 from modalities.video import data as video_data
-from modalities.video.data import (
-    MOTIONS,
-    MovingDigitsDataset,
-    VideoFolderDataset,
-    num_clip_starts,
-    render_moving_digits,
-    sample_clip_indices,
-    write_moving_digits,
-)
+from modalities.video.data import VideoFolderDataset, num_clip_starts, sample_clip_indices
 from modalities.video.io import write_video
+from modalities.video.moving_digits import MOTIONS, MovingDigitsDataset, render_moving_digits, write_moving_digits
 
 pytest.importorskip("decord")
 pytest.importorskip("av")

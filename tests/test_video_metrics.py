@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from modalities.image import metrics as IM
 from modalities.video import metrics as VM
+from modalities.video import moving_digits_metric as MDM
 
 pytest.importorskip("torchmetrics")
 
@@ -313,10 +314,10 @@ def test_intensity_centroid_is_the_brightness_weighted_mean_position():
     frame[0, 0, 2, 3] = 1.0  # intensity 1
     frame[0, 0, 6, 9] = 0.0  # intensity 0.5
     expected = torch.tensor([(2 * 1 + 6 * 0.5) / 1.5, (3 * 1 + 9 * 0.5) / 1.5])
-    torch.testing.assert_close(VM.intensity_centroid(frame)[0], expected)
+    torch.testing.assert_close(MDM.intensity_centroid(frame)[0], expected)
     # channels are averaged; a black frame's centroid is the canvas centre
-    torch.testing.assert_close(VM.intensity_centroid(frame.expand(1, 3, 10, 12))[0], expected)
-    torch.testing.assert_close(VM.intensity_centroid(-torch.ones(2, 1, 10, 12)), torch.tensor([[4.5, 5.5]] * 2))
+    torch.testing.assert_close(MDM.intensity_centroid(frame.expand(1, 3, 10, 12))[0], expected)
+    torch.testing.assert_close(MDM.intensity_centroid(-torch.ones(2, 1, 10, 12)), torch.tensor([[4.5, 5.5]] * 2))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -328,15 +329,15 @@ def test_motion_px_of_a_translating_square_is_its_displacement(channels):
             square_clip(6, 32, (10, 10), (0, 0), channels=channels),  # static
         ]
     )
-    torch.testing.assert_close(VM.clip_motion_px(clips), torch.tensor([math.hypot(5, 10), 15.0, 0.0]))
+    torch.testing.assert_close(MDM.clip_motion_px(clips), torch.tensor([math.hypot(5, 10), 15.0, 0.0]))
 
 
 def test_centroid_crops_centre_the_digit_wherever_it_is():
     frames = torch.cat([square_clip(1, 32, corner, (0, 0))[:, :, 0] for corner in [(0, 0), (14, 20), (28, 28)]])
-    crops = VM.centroid_crops(frames, 16)
+    crops = MDM.centroid_crops(frames, 16)
     assert crops.shape == (3, 1, 16, 16)
     for crop in crops:  # the 4x4 square's centroid sits at the window centre (7.5, 7.5)
-        torch.testing.assert_close(VM.intensity_centroid(crop[None])[0], torch.tensor([7.5, 7.5]))
+        torch.testing.assert_close(MDM.intensity_centroid(crop[None])[0], torch.tensor([7.5, 7.5]))
         assert (crop > 0).sum() == 16  # all of the square, and background (-1) around it
 
 
@@ -351,11 +352,11 @@ def test_frame_accuracy_and_clip_consistency_on_constructed_predictions():
     )
     labels = torch.tensor([3, 2, 7, 9])
     torch.testing.assert_close(
-        VM.clip_consistency(predictions), torch.tensor([1.0, 0.75, 0.5, 0.5], dtype=torch.float64)
+        MDM.clip_consistency(predictions), torch.tensor([1.0, 0.75, 0.5, 0.5], dtype=torch.float64)
     )
-    assert VM.frame_accuracy(predictions, labels) == pytest.approx((4 + 1 + 1 + 0) / 16)
+    assert MDM.frame_accuracy(predictions, labels) == pytest.approx((4 + 1 + 1 + 0) / 16)
     with pytest.raises(ValueError, match="labels"):
-        VM.frame_accuracy(predictions, labels[:3])
+        MDM.frame_accuracy(predictions, labels[:3])
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,13 +372,13 @@ def digits_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def frame_classifier(digits_cache):
     pytest.importorskip("modalities.video.data")
-    return VM.load_or_train_moving_digits_classifier(32, cache_dir=digits_cache)
+    return MDM.load_or_train_moving_digits_classifier(32, cache_dir=digits_cache)
 
 
 @pytest.fixture(scope="session")
 def test_clips():
     """200 held-out clips (digits the classifier never saw), as RGB in [-1, 1] like the decoded dataset."""
-    from modalities.video.data import render_moving_digits
+    from modalities.video.moving_digits import render_moving_digits
 
     clips, labels, _ = render_moving_digits(200, num_frames=8, size=32, split="test", seed=7)
     clips = torch.as_tensor(clips).float() / 127.5 - 1  # (N, T, H, W)
@@ -386,7 +387,7 @@ def test_clips():
 
 @pytest.fixture(scope="session")
 def digits_metric(frame_classifier, digits_cache, test_clips):
-    metric = VM.MovingDigitsMetric(cache_dir=digits_cache)
+    metric = MDM.MovingDigitsMetric(cache_dir=digits_cache)
     metric.prepare(ClipList(*test_clips), "cpu")
     return metric
 
@@ -395,7 +396,7 @@ def test_classifier_is_accurate_on_held_out_rendered_frames(frame_classifier, te
     clips, labels = test_clips
     with torch.no_grad():
         predictions = frame_classifier(VM.clips_to_frames(clips)).argmax(1).view(len(clips), -1)
-    assert VM.frame_accuracy(predictions, labels) >= 0.95
+    assert MDM.frame_accuracy(predictions, labels) >= 0.95
     assert frame_classifier.test_accuracy >= 0.97  # recorded at training, on 500 other test clips
 
 
@@ -403,33 +404,33 @@ def test_second_load_comes_from_the_cache_without_training(frame_classifier, dig
     def no_training(*args, **kwargs):
         raise AssertionError("load_or_train_moving_digits_classifier retrained although the cache holds the model")
 
-    monkeypatch.setattr(VM, "train_moving_digits_classifier", no_training)
+    monkeypatch.setattr(MDM, "train_moving_digits_classifier", no_training)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = VM.load_or_train_moving_digits_classifier(32, cache_dir=digits_cache)
+        loaded = MDM.load_or_train_moving_digits_classifier(32, cache_dir=digits_cache)
     state, cached = frame_classifier.state_dict(), loaded.state_dict()
     assert state.keys() == cached.keys()
     assert all(torch.equal(state[k], cached[k]) for k in state)
     assert loaded.weights_sha256 == frame_classifier.weights_sha256
     assert loaded.test_accuracy == frame_classifier.test_accuracy
-    path = VM.moving_digits_classifier_path(frame_classifier.settings, digits_cache)
+    path = MDM.moving_digits_classifier_path(frame_classifier.settings, digits_cache)
     assert [p.name for p in digits_cache.iterdir()] == [path.name]  # no temporaries left by the atomic write
 
 
 def test_corrupted_cache_file_is_retrained_with_a_warning(frame_classifier, digits_cache, tmp_path, monkeypatch):
-    path = VM.moving_digits_classifier_path(frame_classifier.settings, tmp_path)
-    data = VM.moving_digits_classifier_path(frame_classifier.settings, digits_cache).read_bytes()
+    path = MDM.moving_digits_classifier_path(frame_classifier.settings, tmp_path)
+    data = MDM.moving_digits_classifier_path(frame_classifier.settings, digits_cache).read_bytes()
     path.write_bytes(data[: len(data) // 2])
     calls = []
 
     def cheap_training(settings, frames, labels, device="cpu"):  # stands in for the real (tested above) training
         calls.append(settings)
         torch.manual_seed(0)
-        return VM.MovingDigitsClassifier(settings["crop_size"]).eval()
+        return MDM.MovingDigitsClassifier(settings["crop_size"]).eval()
 
-    monkeypatch.setattr(VM, "train_moving_digits_classifier", cheap_training)
+    monkeypatch.setattr(MDM, "train_moving_digits_classifier", cheap_training)
     with pytest.warns(RuntimeWarning) as caught:
-        VM.load_or_train_moving_digits_classifier(32, cache_dir=tmp_path)
+        MDM.load_or_train_moving_digits_classifier(32, cache_dir=tmp_path)
     messages = [str(w.message) for w in caught]
     assert any("could not be loaded" in m for m in messages), messages
     assert any("reached only 0.1" in m for m in messages), messages  # the untrained stand-in is flagged
@@ -438,11 +439,11 @@ def test_corrupted_cache_file_is_retrained_with_a_warning(frame_classifier, digi
 
 def test_cache_key_follows_the_settings(frame_classifier, tmp_path):
     settings = frame_classifier.settings
-    assert VM.moving_digits_classifier_path(settings, tmp_path).parent == tmp_path
+    assert MDM.moving_digits_classifier_path(settings, tmp_path).parent == tmp_path
     assert settings["render"]["split"] == "train" and settings["crop_size"] == 16
     for change in ({"epochs": 3}, {"seed": 1}, {"train_data_sha256": "0" * 64}):
         other = {**settings, **change}
-        assert VM.moving_digits_classifier_path(other) != VM.moving_digits_classifier_path(settings)
+        assert MDM.moving_digits_classifier_path(other) != MDM.moving_digits_classifier_path(settings)
 
 
 def test_the_reference_scores_as_perfect_against_itself(digits_metric, test_clips):
@@ -490,7 +491,7 @@ def test_broken_clips_lose_consistency_motion_or_distance(digits_metric, test_cl
 
 def test_metric_rejects_clips_unlike_the_reference(digits_metric, digits_cache):
     with pytest.raises(RuntimeError, match="before prepare"):
-        VM.MovingDigitsMetric(cache_dir=digits_cache).compute(torch.zeros(4, 3, 8, 32, 32))
+        MDM.MovingDigitsMetric(cache_dir=digits_cache).compute(torch.zeros(4, 3, 8, 32, 32))
     with pytest.raises(ValueError, match=r"\(N, 3, 8, 32, 32\).*got \(4, 3, 8, 16, 16\)"):
         digits_metric.compute(torch.zeros(4, 3, 8, 16, 16))
     with pytest.raises(ValueError, match=r"\(N, 3, 8, 32, 32\)"):

@@ -1,0 +1,234 @@
+"""Moving digits, the tiny video recipe's data: scikit-learn's digits moving in clips
+(horizontally, vertically, diagonally or in circles), rendered, written once as MP4 files in
+a class-folder tree and read back through decord like any folder of clips."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ditx.files import atomic_write, ditx_cache_dir
+from modalities.video.data import VideoFolderDataset, clip_span
+
+logger = logging.getLogger("ditx.video")
+
+
+MOTIONS = ("horizontal", "vertical", "diagonal", "circle")
+_SPLIT_STREAM = {"train": 0, "test": 1, "all": 2}
+
+
+def _bounce(rng: np.random.Generator, num_frames: int, room: float) -> np.ndarray:
+    """(T,) positions in [0, room] moving at constant speed and bouncing off the walls.
+
+    The motion heads for the farther wall and travels 0.4 to 0.8 of ``room``, so the
+    first-to-last displacement is at least 0.2 of ``room`` (at most one bounce).
+    """
+    start = rng.uniform(0, room)
+    direction = 1.0 if start < room / 2 else -1.0
+    travel = rng.uniform(0.4, 0.8) * room
+    unfolded = start + direction * travel * np.linspace(0, 1, num_frames)
+    folded = np.mod(unfolded, 2 * room)  # a triangle wave: reflect off 0 and room
+    return np.where(folded > room, 2 * room - folded, folded)
+
+
+def _trajectory(motion: str, rng: np.random.Generator, num_frames: int, room: float) -> np.ndarray:
+    """(T, 2) top-left corners (y, x) in [0, room]² of a digit following ``motion``."""
+    if motion == "horizontal":
+        return np.stack([np.full(num_frames, rng.uniform(0, room)), _bounce(rng, num_frames, room)], axis=1)
+    if motion == "vertical":
+        return np.stack([_bounce(rng, num_frames, room), np.full(num_frames, rng.uniform(0, room))], axis=1)
+    if motion == "diagonal":
+        return np.stack([_bounce(rng, num_frames, room), _bounce(rng, num_frames, room)], axis=1)
+    # circle around the centre; a quarter to half a turn: the chord is at least 0.35 of room
+    radius = rng.uniform(0.25, 0.45) * room
+    angle = rng.uniform(0, 2 * np.pi) + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0) * np.pi * np.linspace(
+        0, 1, num_frames
+    )
+    return room / 2 + radius * np.stack([np.sin(angle), np.cos(angle)], axis=1)
+
+
+def render_moving_digits(
+    num_clips: int, num_frames: int = 8, size: int = 32, digit_size: int = 14, split: str = "train", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Clips of one handwritten digit moving on a black canvas.
+
+    Returns ``(clips, labels, motions)``: uint8 ``(N, T, size, size)`` grey clips, int64
+    ``(N,)`` labels (the digit, 0-9, balanced to within one clip per class) and each
+    clip's motion (``MOTIONS``: a horizontal, vertical or diagonal bounce, or an arc of a
+    circle), drawn at random. The digits are scikit-learn's, from ``DigitsDataset``'s
+    fixed stratified 80/20 ``split`` (so test clips show digits never seen in training),
+    resized to ``digit_size``. Each clip moves its digit by at least 0.2 of the free room
+    ``size - digit_size`` between the first and last frame (3.6 pixels at the defaults;
+    about 9 on average). The same arguments always give the same clips.
+    """
+    from modalities.image.data import DigitsDataset
+    from modalities.image.io import images_to_uint8
+
+    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
+        raise ValueError(f"moving-digits num_clips must be a positive integer, got {num_clips!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
+        raise ValueError(f"moving-digits num_frames must be an integer >= 2 (a clip must move), got {num_frames!r}")
+    if not isinstance(digit_size, int) or digit_size < 8 or size - digit_size < 10:
+        raise ValueError(
+            f"moving-digits needs digit_size >= 8 and at least 10 pixels of room (size - digit_size >= 10), "
+            f"got size {size!r} and digit_size {digit_size!r}"
+        )
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"moving-digits split must be one of {', '.join(_SPLIT_STREAM)}, got {split!r}")
+    digits = DigitsDataset(size=digit_size, channels=1, split=split)
+    pool = images_to_uint8(digits.images)[:, 0].numpy()  # (M, d, d) uint8, digit white on black
+    pool_labels = digits.labels.numpy()
+    rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
+    labels = rng.permutation(np.arange(num_clips) % 10).astype(np.int64)
+    order = {c: rng.permutation(np.flatnonzero(pool_labels == c)) for c in range(10)}  # each class's images, cycled
+    used = dict.fromkeys(range(10), 0)
+    room = size - digit_size
+    clips = np.zeros((num_clips, num_frames, size, size), dtype=np.uint8)
+    motions = []
+    for i, label in enumerate(labels.tolist()):
+        digit = pool[order[label][used[label] % len(order[label])]]
+        used[label] += 1
+        motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        corners = np.clip(np.rint(_trajectory(motion, rng, num_frames, room)), 0, room).astype(int)  # (T, 2)
+        for t, (y, x) in enumerate(corners):
+            clips[i, t, y : y + digit_size, x : x + digit_size] = digit
+        motions.append(motion)
+    return clips, labels, motions
+
+
+def _settings_differ(marker: Path, settings: dict) -> str | None:
+    """A sentence naming the settings in ``marker`` that differ from ``settings``, or None."""
+    try:
+        found = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        return f"its marker {marker.name} is unreadable ({e})"
+    if found == settings:
+        return None
+    keys = sorted(set(found) | set(settings)) if isinstance(found, dict) else sorted(settings)
+    diff = [f"{k}: {found.get(k) if isinstance(found, dict) else found!r} (asked {settings.get(k)!r})"
+            for k in keys if not isinstance(found, dict) or found.get(k) != settings.get(k)]  # fmt: skip
+    return "it was generated with " + "; ".join(diff)
+
+
+def write_moving_digits(
+    root: str | Path,
+    num_clips_per_split: dict[str, int] | None = None,
+    num_frames: int = 8,
+    size: int = 32,
+    fps: float = 8,
+    seed: int = 0,
+    digit_size: int | None = None,
+) -> Path:
+    """Write moving digits as MP4 files, ``root/<split>/<digit>/clip_<index:05d>.mp4``; returns ``root``.
+
+    ``num_clips_per_split`` defaults to ``{"train": 1500, "test": 300}``; ``digit_size``
+    to 7/16 of ``size`` (14 at 32). Clips come from ``render_moving_digits``. Files that
+    already exist are kept, and ``root/.complete`` (the settings, JSON) is written last:
+    an interrupted run resumes where it stopped, a finished one returns at once. A
+    folder made with other settings is a ``ValueError`` naming it (delete it or choose
+    another ``root``).
+    """
+    from modalities.video.io import write_video
+
+    counts = dict(num_clips_per_split or {"train": 1500, "test": 300})
+    if digit_size is None:
+        digit_size = size * 7 // 16
+    settings = {
+        "format": "ditx-moving-digits", "version": 1, "num_clips_per_split": dict(sorted(counts.items())),
+        "num_frames": num_frames, "size": size, "digit_size": digit_size, "fps": fps, "seed": seed,
+    }  # fmt: skip
+    root = Path(root).expanduser().absolute()
+    complete, started = root / ".complete", root / ".generating"
+    for marker in (complete, started):
+        if marker.is_file():
+            differs = _settings_differ(marker, settings)
+            if differs is not None:
+                raise ValueError(
+                    f"moving-digits folder {str(root)!r} does not match the asked settings: {differs}; "
+                    f"delete the folder or choose another root"
+                )
+            if marker is complete:
+                return root
+    with atomic_write(started) as tmp:  # so a resumed run with other settings is refused
+        tmp.write_text(json.dumps(settings, indent=1))
+    tic, written = time.perf_counter(), 0
+    for split, n in sorted(counts.items()):
+        clips, labels, _ = render_moving_digits(n, num_frames, size, digit_size, split, seed)
+        paths = [root / split / str(int(y)) / f"clip_{i:05d}.mp4" for i, y in enumerate(labels)]
+        todo = [(path, clip) for path, clip in zip(paths, clips) if not path.exists()]
+        if todo:
+            logger.info("moving-digits: writing %d %s clips to %s", len(todo), split, root / split)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # x264 runs outside the GIL
+            list(pool.map(lambda job: write_video(job[1], job[0], fps), todo))
+        written += len(todo)
+    with atomic_write(complete) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1))
+    started.unlink(missing_ok=True)
+    if written:
+        logger.info("moving-digits: wrote %d clips in %.1f s", written, time.perf_counter() - tic)
+    return root
+
+
+class MovingDigitsDataset(VideoFolderDataset):
+    """Moving handwritten digits (tiny video recipe): MP4 clips read through the video-folder pipeline.
+
+    On first use the clips are rendered (``render_moving_digits``) and written to
+    ``root`` (default ``$DITX_CACHE/moving-digits`` or ``~/.cache/ditx/moving-digits``)
+    by ``write_moving_digits``: ``num_clips_train`` and ``num_clips_test`` clips of
+    ``(num_frames - 1) * frame_stride + 1`` frames at ``size``×``size``, drawn with
+    ``data_seed``. Then it is a ``VideoFolderDataset`` over ``root/<split>`` (10 classes:
+    the digit). ``seed`` is the augmentation seed (flips, temporal crops; the recipe's
+    ``train.seed``), apart from ``data_seed`` so the data on disk does not change with it.
+    """
+
+    registered_name = "moving-digits"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        split: Literal["train", "test"] = "train",
+        num_frames: int = 8,
+        size: int = 32,
+        frame_stride: int = 1,
+        flip: bool = False,
+        seed: int = 0,
+        num_clips_train: int = 1500,
+        num_clips_test: int = 300,
+        data_seed: int = 0,
+        cache_dir: str | None = None,
+        image_frames: int = 0,
+    ):
+        if split not in ("train", "test"):
+            raise ValueError(f"moving-digits split must be 'train' or 'test', got {split!r}")
+        for arg, value in (("num_clips_train", num_clips_train), ("num_clips_test", num_clips_test)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 10:
+                raise ValueError(f"moving-digits {arg} must be an integer >= 10 (one clip per digit), got {value!r}")
+        for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"moving-digits {arg} must be a positive integer, got {value!r}")
+        folder = Path(root).expanduser() if root is not None else ditx_cache_dir("moving-digits")
+        self.data_settings = {
+            "num_clips_per_split": {"train": num_clips_train, "test": num_clips_test},
+            "num_frames": max(2, clip_span(num_frames, frame_stride)), "size": size, "seed": data_seed,
+        }  # fmt: skip
+        write_moving_digits(folder, **self.data_settings)
+        super().__init__(
+            str(folder / split), num_frames=num_frames, frame_stride=frame_stride, size=size, flip=flip,
+            short_policy="loop", split=split, seed=seed, class_folders=True, extensions=("mp4",), cache_dir=cache_dir,
+            image_frames=image_frames,
+        )  # fmt: skip
+        if self.classes != [str(d) for d in range(10)]:
+            raise ValueError(
+                f"moving-digits folder {str(self.root)!r} should hold the class folders 0 to 9, found {self.classes}; "
+                f"delete {str(folder)!r} to write it again"
+            )
+
+    def cache_key(self) -> dict:
+        return {**super().cache_key(), "moving_digits": self.data_settings}
