@@ -299,6 +299,19 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def remove_unfinished(root: str | os.PathLike) -> list[str]:
+    """Delete the temporaries of checkpoint writes that never finished (a process killed while
+    writing: ``.step_XXXXXXXX.<random>.tmp``/``.old``); returns their names. Only complete,
+    renamed checkpoints are ever resumed, so these hold nothing to keep."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"\.step_\d{8}\.[0-9a-f]+\.(tmp|old)", p.name)]
+    for p in found:
+        _remove(p)
+    return sorted(p.name for p in found)
+
+
 def verify_checkpoint(path: str | os.PathLike, files: Collection[str] | None = None) -> str | None:
     """Why the checkpoint at ``path`` is incomplete or corrupt, or None if it is intact.
 

@@ -283,6 +283,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         step, bad_samples = state["step"], state.get("bad_samples", 0)
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", found, step)
+            for name in ckpt.remove_unfinished(ckpt_root):
+                logger.info("removed %s, a checkpoint write that never finished", name)
             _forget_logged_steps_after(run_dir / "metrics.jsonl", step)
     accelerator.init_trackers(str(run_dir / "logs"), config=_flat_hparams(recipe))
 

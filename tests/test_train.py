@@ -417,6 +417,7 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(unint
     assert "step_00000010" in leftovers and "step_00000020" not in leftovers
     assert any(".step_00000020." in name for name in leftovers)  # the half-written temporary
     _resume_and_check(recipe, run, ref, from_step=10)
+    assert not any(name.startswith(".") for name in os.listdir(run / "checkpoints"))  # cleaned up on resume
 
 
 def test_ema_update_follows_its_closed_form():
