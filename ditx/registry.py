@@ -219,13 +219,6 @@ class Registry:
             self._factories[name] = factory
         return factory
 
-    def modality_of(self, name: str) -> Modality | None:
-        """The modality a lazily registered, not yet imported ``name`` belongs to (else None)."""
-        if name not in self._factories:
-            self._discover()
-        factory = self._factories.get(name)
-        return factory.modality if isinstance(factory, LazyFactory) else None
-
     def build(self, name: str, /, **kwargs: Any) -> Any:
         """Call the factory registered under ``name`` with ``kwargs``."""
         return self.get(name)(**kwargs)
