@@ -10,8 +10,10 @@ to get its components.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,9 +196,6 @@ def run_relative(recipe: Recipe, run_dir: Path) -> Recipe:
     """A copy of ``recipe`` whose paths inside ``run_dir`` (a first stage's autoencoder and
     latents) are written ``${run}/...``: a run folder refers to what it holds relative to
     itself, so it can be moved or copied and still sampled from anywhere."""
-    import copy
-    import os
-
     out = copy.deepcopy(recipe)
     root = os.path.abspath(run_dir)
 
@@ -206,21 +205,20 @@ def run_relative(recipe: Recipe, run_dir: Path) -> Recipe:
             return RUN + full[len(root) :]
         return value
 
-    if "pretrained" in out.autoencoder.args:
-        out.autoencoder.args["pretrained"] = relative(out.autoencoder.args["pretrained"])
-    out.train.latent_cache = relative(out.train.latent_cache)
+    _map_run_paths(out, relative)
     return out
 
 
 def resolve_run_paths(recipe: Recipe, run_dir: Path) -> None:
     """Undo ``run_relative`` for a recipe read from ``run_dir/config.yaml`` (in place)."""
+    _map_run_paths(recipe, lambda v: str(run_dir) + v[len(RUN) :] if isinstance(v, str) and v.startswith(RUN) else v)
 
-    def resolve(value: Any) -> Any:
-        return str(run_dir) + value[len(RUN):] if isinstance(value, str) and value.startswith(RUN) else value
 
+def _map_run_paths(recipe: Recipe, fn: Any) -> None:
+    """Apply ``fn`` to the paths a run may hold itself: a first stage's autoencoder and latents."""
     if "pretrained" in recipe.autoencoder.args:
-        recipe.autoencoder.args["pretrained"] = resolve(recipe.autoencoder.args["pretrained"])
-    recipe.train.latent_cache = resolve(recipe.train.latent_cache)
+        recipe.autoencoder.args["pretrained"] = fn(recipe.autoencoder.args["pretrained"])
+    recipe.train.latent_cache = fn(recipe.train.latent_cache)
 
 
 def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:

@@ -77,7 +77,7 @@ def cache_latents(
     from tqdm.auto import tqdm
 
     from ditx.build import build_components
-    from ditx.files import claim_output_folder, folder_entries
+    from ditx.files import claim_output_folder
 
     # seeded as training seeds it, so an autoencoder initialised from a config (not loaded) has the
     # weights training will have: the cache's identity includes them
@@ -91,18 +91,19 @@ def cache_latents(
     fp = fingerprint(recipe, dataset, parts.latent_shape, ae)
     index_path = out / INDEX_NAME
     progress_path = out / "progress.json"  # fingerprint of the shards written so far
-    written = index_path if index_path.is_file() else progress_path if progress_path.is_file() else None
-    if written is not None:
-        got = json.loads(written.read_text())
-        got = got.get("fingerprint") if written == index_path else got
-        if got == fp and written == index_path:
+    if index_path.is_file():
+        kind, got = "latent cache", json.loads(index_path.read_text()).get("fingerprint")
+        if got == fp:
             logger.info("latent cache %s is complete and matches the recipe", out)
             return out
-        if got != fp:
-            kind = "latent cache" if written == index_path else "partial latent cache"
-            claim_output_folder(out, overwrite=overwrite, what=f"a {kind} for other settings",
-                                holds=f"differs in: {', '.join(fingerprint_difference(fp, got))}")  # fmt: skip
-    elif folder_entries(out):
+    elif progress_path.is_file():  # an interrupted run: resumed when its settings are the same
+        kind, got = "partial latent cache", json.loads(progress_path.read_text())
+    else:
+        kind, got = None, fp
+    if got != fp:
+        claim_output_folder(out, overwrite=overwrite, what=f"a {kind} for other settings",
+                            holds=f"differs in: {', '.join(fingerprint_difference(fp, got))}")  # fmt: skip
+    elif kind is None:
         claim_output_folder(out, overwrite=overwrite, what="files that are not a latent cache")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(progress_path) as tmp:

@@ -18,19 +18,13 @@ import torch
 
 from ditx import registry
 from ditx.attention import BACKENDS, attention, math_attention, resolve_backend, xformers_unavailable_reason
+from ditx.registry import package_version
 
 # distributions a report names, core first (pyproject's dependencies and extras)
 CORE_PACKAGES = ("torch", "numpy", "einops", "diffusers", "accelerate", "safetensors", "transformers", "xformers")
 OPTIONAL_PACKAGES = (
     "scikit-learn", "torchmetrics", "torch-fidelity", "decord", "av", "trimesh", "networkx", "scikit-image", "scipy",
 )  # fmt: skip
-
-
-def package_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def modality_report() -> dict[str, dict[str, Any]]:
@@ -78,33 +72,23 @@ def attention_report(device: torch.device) -> dict[str, str]:
     return out
 
 
-def _cpu_name() -> str:
+def _cpuinfo(key: str) -> str:
+    """The first ``key: value`` of /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return ""
 
 
 def hardware_report() -> dict[str, Any]:
-    flags = _cpu_flags()
+    flags = set(_cpuinfo("flags").split())
     bf16_isa = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     report: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_bf16": f"native ({', '.join(bf16_isa)})" if bf16_isa else "emulated (no AMX/AVX512-BF16 here)",

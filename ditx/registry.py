@@ -61,6 +61,14 @@ def package_missing(import_name: str) -> bool:
         return True
 
 
+def package_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, None if it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @dataclass(frozen=True)
 class Modality:
     """A group of components and the optional packages they need (one pip extra).
@@ -178,7 +186,7 @@ class Registry:
             old = self._factories.get(name)
             if isinstance(old, LazyFactory) and old.points_to(f):
                 old = None  # the object a lazy entry names, registered directly (an import of its module)
-            if old is not None and old is not f and old != f and not replace:
+            if old is not None and old != f and not replace:
                 raise RegistryError(
                     f"{self.kind} {name!r} is already registered (by {_qualname(old)}); "
                     f"pick another name or pass replace=True to override it"

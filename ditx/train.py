@@ -183,10 +183,8 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
 def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A new run never writes into a folder holding an earlier one (unless ``overwrite``)."""
     from ditx import checkpoint as ckpt
-    from ditx.files import claim_output_folder, folder_entries
+    from ditx.files import claim_output_folder
 
-    if not folder_entries(run_dir):
-        return
     found = ckpt.list_checkpoints(run_dir / "checkpoints")
     holds = f"checkpoints up to {found[-1].name}" if found else ""
     claim_output_folder(run_dir, overwrite=overwrite, what="a training run", holds=holds,
@@ -242,7 +240,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         broadcast_object_list(chosen)
     run_dir = Path(chosen[0])
     ckpt_root = run_dir / "checkpoints"
-    found = _resumable_checkpoint(run_dir / "checkpoints") if resume else None  # before anything is written
+    found = _resumable_checkpoint(ckpt_root) if resume else None  # before anything is written
     if not resume:  # every process checks before anything is written, so all refuse alike
         if accelerator.is_main_process or not overwrite:
             _claim_run_dir(run_dir, overwrite)  # with overwrite, only the main process deletes
@@ -364,13 +362,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    # gradients are the same on every process here (after the all-reduce)
-                    if cfg.grad_clip:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    else:
-                        grads = [p.grad for p in model.parameters() if p.grad is not None]
-                        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                    if not torch.isfinite(grad_norm):
+                    # the global norm, the same on every process whatever wraps the model (DDP, FSDP);
+                    # without clipping, max_norm=inf leaves the gradients as they are
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                    # with fp16 the GradScaler skips a step whose gradients overflowed, as designed
+                    if accelerator.scaler is None and not torch.isfinite(grad_norm):
                         optimizer.zero_grad(set_to_none=True)
                         raise _stopped(NonFiniteGradientError, f"gradient norm is {float(grad_norm)}", step + 1,
                                        f"with a finite loss ({mean_loss:.4g})", last_good)  # fmt: skip
@@ -437,7 +433,6 @@ def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
 def _forget_logged_steps_after(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (logged by a run that was interrupted later):
     the resumed run logs them again, so each step appears once."""
-
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)

@@ -63,18 +63,6 @@ def test_checkpoint_holds_everything_to_resume(tiny_recipe, tmp_path):
     assert any(k.endswith("exp_avg") for k in opt)
 
 
-def test_resume_reaches_the_same_weights_and_skips_a_corrupt_checkpoint(tiny_recipe, tmp_path):
-    full = train(tiny_recipe(), run_dir=tmp_path / "full")
-    part = train(tiny_recipe(train={"steps": 4}), run_dir=tmp_path / "part")
-    # break the newest checkpoint (step 4): resume must fall back to step 2, with a warning
-    model_file = part / "checkpoints" / "step_00000004" / "model.safetensors"
-    model_file.write_bytes(model_file.read_bytes()[:-100])
-    with pytest.warns(UserWarning, match=r"step_00000004: model.safetensors has \d+ bytes.*truncated"):
-        train(tiny_recipe(), run_dir=part, resume=True)
-    assert_same_weights(final_weights(part), final_weights(full))
-    assert_same_weights(final_weights(part, "ema"), final_weights(full, "ema"))
-
-
 def test_gradient_accumulation_matches_the_full_batch(tiny_recipe, tmp_path):
     a = train(tiny_recipe(train={"steps": 3}), run_dir=tmp_path / "a")
     b = train(tiny_recipe(train={"steps": 3, "grad_accum": 2}), run_dir=tmp_path / "b")
@@ -156,8 +144,9 @@ def _corrupt(kind: str, checkpoint: Path) -> None:
         (checkpoint / "optimizer.safetensors").unlink()
 
 
-PROBLEMS = {"flipped byte": "does not match its SHA-256", "truncated": "truncated", "no manifest": "no manifest.json",
-            "missing file": "optimizer.safetensors is missing"}  # fmt: skip
+PROBLEMS = {"flipped byte": "model.safetensors does not match its SHA-256",
+            "truncated": r"model.safetensors has \d+ bytes, the manifest says \d+ \(truncated",
+            "no manifest": "no manifest.json", "missing file": "optimizer.safetensors is missing"}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", list(PROBLEMS))

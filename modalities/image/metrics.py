@@ -89,6 +89,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ditx.files import atomic_write, ditx_cache_dir, file_sha256
+from ditx.registry import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -465,16 +466,6 @@ def _dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor | None]:
     return images, torch.tensor([int(item["y"]) for item in items]) if has_labels else None
 
 
-def _package_version(name: str) -> str | None:
-    """The installed version of distribution ``name``, None if it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
 class FeatureDistanceMetric(ABC):
     """What ``DigitsMetric`` and ``InceptionMetric`` share: FID and KID between features of a reference and samples.
 
@@ -586,7 +577,7 @@ class FeatureDistanceMetric(ABC):
             "reference_size": self.reference_size,
             "fid": {"implementation": "torchmetrics.FrechetInceptionDistance", "dtype": "float64"},
             "kid": self._kid_protocol(),
-            "torchmetrics_version": _package_version("torchmetrics"),
+            "torchmetrics_version": package_version("torchmetrics"),
         }
 
 
@@ -1077,7 +1068,7 @@ class InceptionMetric(FeatureDistanceMetric):
     def _describe_network(self) -> dict[str, Any]:
         return {
             "name": "torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3",
-            "torch_fidelity_version": _package_version("torch-fidelity"),
+            "torch_fidelity_version": package_version("torch-fidelity"),
             "weights_file": None if self.weights_file is None else self.weights_file.name,
             "weights_sha256": self.weights_sha256,
             "weights_official": None

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ditx.files import ditx_cache_dir
+from ditx.registry import package_version
 from modalities.image.metrics import (
     CLASSIFIER_INPUT_SIZE,
     FEATURE_DIM,
     DigitsClassifier,
-    _package_version,
     _shift_1px,
     cached_classifier,
     frechet_distance,
@@ -482,5 +482,5 @@ class MovingDigitsMetric:
             },
             "fid": {"implementation": "torchmetrics.FrechetInceptionDistance on given features", "dtype": "float64"},
             "samples": "clamped to [-1, 1] before cropping",
-            "torchmetrics_version": _package_version("torchmetrics"),
+            "torchmetrics_version": package_version("torchmetrics"),
         }
