@@ -1,49 +1,102 @@
-"""The autoencoder protocol every recipe's latent space follows, the identity (pixel space),
-and training an autoencoder from scratch on a recipe's data (``ditx train-autoencoder``)."""
+"""The autoencoder contract every recipe's latent space follows, and the identity (pixel space)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ditx.files import OutputExistsError
 from ditx.registry import autoencoders
 
-if TYPE_CHECKING:
-    from ditx.recipe import Recipe
 
-logger = logging.getLogger("ditx.autoencoder")
+class Autoencoder(nn.Module):
+    """The autoencoder contract: a recipe's latent space (``ditx.registry.autoencoders``
+    builds subclasses of this class).
 
+    Required:
 
-@runtime_checkable
-class Autoencoder(Protocol):
-    """What the trainer and sampler need from an autoencoder.
+    - ``encode(x, sample=False, generator=None)``: data ``(B, *data_shape)`` to *scaled*
+      latents (unit variance, ready for diffusion); the posterior mean unless ``sample``;
+    - ``decode(z)``: scaled latents back to data (what the modality's writer and metrics take);
+    - ``latent_shape(data_shape)``: the latent shape of a data shape ``(C, *spatial)``, so
+      tokenizers and caches are checked before any data is seen;
+    - ``scaling_factor``: the scale between the autoencoder's raw latents and ``encode``'s.
 
-    ``encode`` maps data to *scaled* latents (unit variance, ready for diffusion);
-    ``decode`` inverts it. ``latent_shape`` maps a data shape (C, *spatial) to the
-    latent shape, so tokenizers and caches can be checked before any data is seen.
+    Optional hooks, each with a default here:
+
+    - ``freeze()``: eval mode, no gradients (for diffusion training; the default does that);
+    - training from scratch (``ditx train-autoencoder`` and two-stage recipes), where
+      ``supports_training`` is True: ``trainable()`` (train mode, gradients, float32),
+      ``training_loss(x, kl_weight=..., generator=..., **loss_inputs(batch))`` ->
+      ``{"loss": scalar, ...parts}``, ``save_pretrained(directory)`` (what the
+      autoencoder's ``pretrained`` argument loads back), ``loss_inputs(batch)`` (the batch
+      entries besides ``x`` that the loss reads; none by default),
+      ``reconstruction_metrics(batch)`` (held-out numbers; MSE and PSNR of
+      ``decode(encode(x))`` by default) and ``calibrate_latents(x, training_batches)``
+      (after training: make the scaled latents unit-variance; by default one scale from
+      the held-out items ``x``, the Latent Diffusion recipe for a new VAE).
     """
 
-    scaling_factor: float
+    scaling_factor: float = 1.0
+    supports_training: bool = False
 
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor: ...
+    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode")
 
-    def decode(self, z: Tensor) -> Tensor: ...
+    def decode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement decode")
 
-    def latent_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]: ...
+    def latent_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]:
+        raise NotImplementedError(f"{type(self).__name__} must implement latent_shape")
+
+    def freeze(self) -> Autoencoder:
+        """Eval mode without gradients."""
+        return self.eval().requires_grad_(False)
+
+    # ---- training from scratch (supports_training) ----------------------------------------
+
+    def _not_trainable(self, what: str):
+        return NotImplementedError(
+            f"{type(self).__name__} cannot be trained by ditx (no {what}; see ditx.autoencoder.Autoencoder)"
+        )
+
+    def trainable(self) -> Autoencoder:
+        raise self._not_trainable("trainable()")
+
+    def training_loss(
+        self, x: Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None, **inputs: Tensor
+    ) -> dict[str, Tensor]:
+        raise self._not_trainable("training_loss()")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        raise self._not_trainable("save_pretrained()")
+
+    def loss_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch entries besides ``x`` that ``training_loss`` takes by name."""
+        return {}
+
+    @torch.no_grad()
+    def reconstruction_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """Held-out numbers of a batch: MSE and PSNR of ``decode(encode(x))`` with the posterior mean."""
+        x = batch["x"]
+        mse = float((self.decode(self.encode(x)).float() - x.float()).pow(2).mean())
+        return {"mse": mse, "psnr": _psnr(mse)}
+
+    @torch.no_grad()
+    def calibrate_latents(self, x: Tensor, training_batches: Iterable[dict[str, Tensor]]) -> None:
+        """After training: rescale so that the scaled latents of the held-out items ``x``
+        have unit standard deviation (``training_batches``, up to 512 training items in
+        batches, are there for autoencoders that fit statistics over more data)."""
+        latent_std = float(self.encode(x).float().std())
+        if latent_std > 0 and math.isfinite(latent_std):
+            self.scaling_factor = float(self.scaling_factor) / latent_std
 
 
 @autoencoders.register("identity")
-class IdentityAutoencoder(nn.Module):
+class IdentityAutoencoder(Autoencoder):
     """Pixel-space diffusion: latents are the data (optionally scaled)."""
 
     def __init__(self, scaling_factor: float = 1.0):
@@ -60,225 +113,6 @@ class IdentityAutoencoder(nn.Module):
         return tuple(data_shape)
 
 
-@runtime_checkable
-class TrainableAutoencoder(Autoencoder, Protocol):
-    """An autoencoder that ``train_autoencoder`` can train from scratch.
-
-    ``trainable()`` unfreezes it (train mode, gradients, float32 weights);
-    ``training_loss(x, kl_weight=..., generator=...)`` returns ``{"loss": scalar, ...parts}``;
-    ``save_pretrained(dir)`` writes what the autoencoder's ``pretrained`` argument loads.
-    """
-
-    def trainable(self) -> nn.Module: ...
-
-    def training_loss(
-        self, x: Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None
-    ) -> dict[str, Tensor]: ...
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None: ...
-
-
-def default_autoencoder_dir(recipe: Recipe) -> Path:
-    """``autoencoder_train.out``, else ``<train.output_dir>/<recipe>-autoencoder``."""
-    if recipe.autoencoder_train.out:
-        return Path(recipe.autoencoder_train.out)
-    return Path(recipe.train.output_dir) / f"{(recipe.name or 'run').replace('/', '-')}-autoencoder"
-
-
 def _psnr(mse: float, data_range: float = 2.0) -> float:
     """PSNR in dB of data in [-1, 1] (range 2)."""
     return 10.0 * math.log10(data_range**2 / mse) if mse > 0 else float("inf")
-
-
-@torch.no_grad()
-def _reconstruction_mse(autoencoder, x: Tensor) -> tuple[float, Tensor, Tensor]:
-    """MSE of decode(encode(x)) with the posterior mean, the reconstructions and the scaled latents."""
-    z = autoencoder.encode(x)
-    recon = autoencoder.decode(z).float()
-    return float((recon - x.float()).pow(2).mean()), recon, z.float()
-
-
-@torch.no_grad()
-def _held_out_metrics(autoencoder, batch: dict[str, Tensor]) -> tuple[dict[str, float], Tensor, Tensor]:
-    """Reconstruction metrics on the held-out batch, its reconstructions and its latents.
-
-    Autoencoders whose data space is not what ``decode`` returns (a point cloud in,
-    an occupancy volume out) report their own metrics through ``reconstruction_metrics``.
-    """
-    own = getattr(autoencoder, "reconstruction_metrics", None)
-    if callable(own):
-        metrics = own(batch)
-        z = autoencoder.encode(batch["x"])
-        return metrics, autoencoder.decode(z).float(), z.float()
-    mse, recon, z = _reconstruction_mse(autoencoder, batch["x"])
-    return {"mse": mse, "psnr": _psnr(mse)}, recon, z
-
-
-def _loss_inputs(autoencoder, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch entries besides ``x`` that the autoencoder's ``training_loss`` takes by name
-    (e.g. query points and occupancy labels for an occupancy autoencoder)."""
-    import inspect
-
-    params = inspect.signature(autoencoder.training_loss).parameters
-    return {k: v for k, v in batch.items() if k in params and k not in ("x", "kl_weight", "generator")}
-
-
-def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Train the recipe's autoencoder from scratch on the recipe's dataset; returns ``out``.
-
-    Settings come from the recipe's ``autoencoder_train`` section (steps, batch size,
-    AdamW learning rate, KL weight, mixed precision, seed). One process, on CUDA when
-    available. A fixed, seeded subset of the dataset (one batch, at most a tenth) is held
-    out: it is never trained on and gives the final reconstruction MSE/PSNR.
-
-    ``out`` (default ``autoencoder_train.out`` or ``<train.output_dir>/<recipe>-autoencoder``)
-    is written all at once when training ends and holds:
-
-    - the autoencoder's ``save_pretrained`` files. Its scaling factor is re-measured on the
-      held-out batch so that the scaled latents have unit standard deviation there (the
-      Latent Diffusion recipe for a new VAE, instead of SD-VAE's 0.18215);
-    - ``preview/``: the modality writer's view of held-out items (first half) and their
-      reconstructions (second half);
-    - ``metrics.json``: reconstruction MSE and PSNR before and after training, the scaling
-      factor, the held-out indices and the settings; ``train_log.jsonl``: the loss curve.
-
-    Afterwards point the recipe's ``autoencoder.pretrained`` at ``out`` (and set
-    ``autoencoder.config`` back to null), in the YAML or as overrides:
-    ``ditx train RECIPE autoencoder.pretrained=<out> autoencoder.config=null``.
-    """
-    from torch.utils.data import DataLoader, Subset, default_collate
-    from tqdm.auto import tqdm
-
-    from ditx.build import build_dataset
-    from ditx.files import atomic_write
-    from ditx.registry import writers
-
-    cfg = recipe.autoencoder_train
-    out = Path(out) if out is not None else default_autoencoder_dir(recipe)
-    if out.exists() and not overwrite:  # fail before training, not after
-        raise OutputExistsError(
-            f"{out} already exists and holds an autoencoder ({', '.join(p.name for p in sorted(out.iterdir())[:6])}); "
-            f"nothing was written. Pass --out DIR for another folder, or --overwrite to replace it"
-        )
-    if out.exists():  # replaced only when the new one is complete (an atomic rename at the end)
-        print(f"--overwrite: {out} will be replaced by the autoencoder trained now", file=sys.stderr, flush=True)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(
-            f"autoencoder_train.steps and batch_size must be at least 1, got {cfg.steps} and {cfg.batch_size}"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError("autoencoder_train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
-    write_preview = writers.get(recipe.modality)  # an unknown modality fails now, not after training
-
-    torch.manual_seed(cfg.seed)  # initialisation of an untrained autoencoder
-    ae = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
-    missing = [m for m in ("training_loss", "trainable", "save_pretrained") if not callable(getattr(ae, m, None))]
-    if missing:
-        raise ValueError(
-            f"autoencoder {recipe.autoencoder.name!r} ({type(ae).__name__}) cannot be trained by ditx: it has no "
-            f"{', '.join(missing)} (see ditx.autoencoder.TrainableAutoencoder); use one that does, e.g. "
-            f"autoencoder: {{name: sd-vae, config: tiny}}"
-        )
-    dataset = build_dataset(recipe)
-    n = len(dataset)
-    held_count = min(cfg.batch_size, n // 10)
-    if held_count < 1 or n - held_count < cfg.batch_size:
-        raise ValueError(
-            f"the dataset has {n} items: too few for a held-out batch and a training batch of "
-            f"autoencoder_train.batch_size={cfg.batch_size}"
-        )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    held_out, train_idx = sorted(order[:held_count]), order[held_count:]
-    held_batch = {k: v.to(device) for k, v in default_collate([dataset[i] for i in held_out]).items()
-                  if isinstance(v, Tensor)}  # fmt: skip
-    x_held = held_batch["x"]
-
-    ae.to(device)
-    ae.eval()
-    initial, _, _ = _held_out_metrics(ae, held_batch)
-    ae.trainable()
-    params = [p for p in ae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    noise = torch.Generator(device).manual_seed(cfg.seed + 1)  # posterior samples
-
-    log: list[dict[str, float]] = []
-    window: dict[str, list[float]] = {}
-    step, epoch = 0, 0
-    progress = tqdm(total=cfg.steps, desc="train-autoencoder")
-    while step < cfg.steps:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = DataLoader(
-            Subset(dataset, train_idx), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-        )  # fmt: skip
-        for batch in loader:
-            x = batch["x"].to(device)
-            extra = {k: v.to(device) for k, v in _loss_inputs(ae, batch).items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                terms = ae.training_loss(x, kl_weight=cfg.kl_weight, generator=noise, **extra)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"autoencoder loss is {loss.item()} at step {step + 1}; nothing was written. Lower "
-                    f"autoencoder_train.lr or use autoencoder_train.mixed_precision=no"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            progress.update(1)
-            for k, v in terms.items():
-                window.setdefault(k, []).append(float(v.detach()))
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items()}}
-                log.append(record)
-                shown = {k: f"{record[k]:.4g}" for k in ("loss", "mse", "iou") if k in record}
-                progress.set_postfix(**shown)
-                window = {}
-            if step >= cfg.steps:
-                break
-        epoch += 1
-    progress.close()
-
-    # measure the trained autoencoder on the held-out batch; normalise latents to unit std
-    ae.eval()
-    if callable(getattr(ae, "freeze", None)):
-        ae.freeze()
-    fit_statistics = getattr(ae, "fit_latent_statistics", None)
-    if callable(fit_statistics):  # per-channel statistics over (up to 512 of) the training items
-        subset = DataLoader(Subset(dataset, sorted(train_idx[:512])), batch_size=cfg.batch_size)
-        with torch.no_grad():
-            fit_statistics(torch.cat([ae.encode_unnormalized(b["x"].to(device)) for b in subset]))
-    held, recon, z = _held_out_metrics(ae, held_batch)
-    if not callable(fit_statistics):  # one scale: the Latent Diffusion recipe for a new VAE
-        latent_std = float(z.std())
-        if latent_std > 0 and math.isfinite(latent_std):
-            ae.scaling_factor = float(ae.scaling_factor) / latent_std
-        held, recon, z = _held_out_metrics(ae, held_batch)
-    metrics = {
-        **held,
-        **{f"initial_{k}": v for k, v in initial.items()},
-        "scaling_factor": float(ae.scaling_factor),
-        "held_out": held_out,
-        "steps": cfg.steps,
-        "autoencoder": recipe.autoencoder.to_dict(),
-        "data": recipe.data.to_dict(),
-        "autoencoder_train": {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "kl_weight",
-                                                           "mixed_precision", "seed")},
-        "recipe": recipe.name or recipe.source,
-    }  # fmt: skip
-    k = min(8, len(held_out))
-    # held-out items, then their reconstructions; only the reconstructions when they differ in kind
-    preview = torch.cat([x_held[:k], recon[:k].to(x_held.dtype)]) if recon.shape == x_held.shape else recon[:k]
-    with atomic_write(out, directory=True, overwrite=overwrite) as tmp:
-        ae.save_pretrained(tmp)
-        write_preview(preview.cpu(), tmp / "preview", None)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    logger.info("autoencoder written to %s: held-out %s", out, ", ".join(f"{k} {v:.4g}" for k, v in held.items()))
-    return out

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from ditx import checkpoint as ckpt
+from ditx.autoencoder import Autoencoder
+from ditx.data import Dataset
 from ditx.dit import DiT, build_dit
+from ditx.metrics import Metric
 from ditx.recipe import Recipe, load_recipe
 from ditx.registry import autoencoders, datasets, objectives
 from ditx.registry import metrics as metric_registry
@@ -32,7 +34,7 @@ from ditx.registry import metrics as metric_registry
 class Components:
     recipe: Recipe
     dataset: Dataset | None
-    autoencoder: Any
+    autoencoder: Autoencoder
     objective: Any
     model: DiT
     data_shape: tuple[int, ...] | None
@@ -50,16 +52,35 @@ class Components:
         return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape)
 
 
-def build_dataset(recipe: Recipe, **override: Any) -> Dataset:
-    """The recipe's dataset; ``override`` replaces arguments (e.g. ``split="test"``)."""
-    import inspect
+def build_dataset(recipe: Recipe, split: str | None = None) -> Dataset:
+    """The recipe's dataset (see :class:`ditx.data.Dataset` for what a factory is given).
 
-    factory = datasets.get(recipe.data.name)
-    args = dict(recipe.data.args, **override)
-    params = inspect.signature(factory).parameters
-    if "seed" in params and "seed" not in args:
-        args["seed"] = recipe.train.seed
-    return factory(**args)
+    ``split`` replaces the recipe's (``data.split``, default ``"train"``); ``"test"`` is the
+    metrics' reference.
+    """
+    args = dict(recipe.data.args)
+    if split is not None:
+        args["split"] = split
+    args.setdefault("split", "train")
+    args.setdefault("seed", recipe.train.seed)
+    return _built(datasets.build(recipe.data.name, **args), Dataset, "dataset", recipe.data.name)
+
+
+def build_autoencoder(recipe: Recipe) -> Autoencoder:
+    """The recipe's autoencoder (see :class:`ditx.autoencoder.Autoencoder`)."""
+    built = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
+    return _built(built, Autoencoder, "autoencoder", recipe.autoencoder.name)
+
+
+def _built(obj: Any, contract: type, kind: str, name: str) -> Any:
+    """``obj`` when it follows ``contract`` (a class of the core), else an error saying what to do."""
+    if not isinstance(obj, contract):
+        raise TypeError(
+            f"{kind} {name!r} built a {type(obj).__module__}.{type(obj).__name__}, which is not a "
+            f"{contract.__module__}.{contract.__name__}: a registered {kind} subclasses it "
+            f"(its docstring is the contract)"
+        )
+    return obj
 
 
 def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int, objective: Any) -> DiT:
@@ -97,19 +118,19 @@ def build_components(
     (stored with every checkpoint), the dataset is not built (``dataset``/``data_shape``
     are then None).
     """
-    autoencoder = autoencoders.build(recipe.autoencoder.name, **recipe.autoencoder.args)
+    autoencoder = build_autoencoder(recipe)
     objective = objectives.build(recipe.objective.name, **recipe.objective.args)
     data_shape = None
     if latent_shape is None or num_classes is None:
         dataset = build_dataset(recipe) if dataset is None else dataset
         data_shape = tuple(dataset.data_shape)
         latent_shape = tuple(autoencoder.latent_shape(data_shape))
-        num_classes = int(getattr(dataset, "num_classes", 0))
+        num_classes = int(dataset.num_classes)
     if recipe.model.num_classes is not None:
         num_classes = recipe.model.num_classes
     model = build_model(recipe, tuple(latent_shape), num_classes, objective)
     parts = Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
-    sample_shape = getattr(dataset, "sample_shape", None) if data_shape is not None else None
+    sample_shape = dataset.sample_shape if data_shape is not None else None
     if sample_shape is not None and tuple(sample_shape) != data_shape:
         parts.sample_data_shape = tuple(sample_shape)
         parts.sample_latent_shape = tuple(autoencoder.latent_shape(sample_shape))
@@ -118,23 +139,16 @@ def build_components(
 
 def build_metric(spec: str | dict[str, Any]):
     """A metric from a recipe entry: a registered name or ``{name: ..., **args}``."""
-    if isinstance(spec, str):
-        return spec, metric_registry.build(spec)
-    args = dict(spec)
+    args = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = args.pop("name", None)
     if name is None:
         raise ValueError(f"eval.metrics entry {spec!r} needs a 'name' (one of {metric_registry.names()})")
-    return name, metric_registry.build(name, **args)
+    return name, _built(metric_registry.build(name, **args), Metric, "metric", name)
 
 
-def reference_dataset(recipe: Any):
-    """Held-out data for metrics: the recipe's dataset with ``split: test`` when it has splits."""
-    import inspect
-
-    params = inspect.signature(datasets.get(recipe.data.name)).parameters
-    if "split" not in params:
-        return build_dataset(recipe)
-    return build_dataset(recipe, split="test", **({"flip": False} if "flip" in params else {}))
+def reference_dataset(recipe: Recipe) -> Dataset:
+    """Held-out data for metrics: the recipe's dataset built for ``split="test"``."""
+    return build_dataset(recipe, split="test")
 
 
 def load_for_sampling(
@@ -238,9 +252,7 @@ def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:
         )
     data_shape = (channels, *size)
     parts.latent_shape = tuple(parts.autoencoder.latent_shape(data_shape))
-    grid_for = getattr(parts.model.x_embedder, "grid_for", None)
-    if grid_for is not None:
-        grid_for(parts.latent_shape[1:])  # a clear error now if the patch does not divide
+    parts.model.x_embedder.grid_for(parts.latent_shape[1:])  # a clear error now if the patch does not divide
     parts.data_shape = data_shape
 
 

@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from ditx.files import atomic_write
 from ditx.latents import (
@@ -42,10 +41,6 @@ def default_cache_folder(recipe: Recipe) -> Path:
     if recipe.train.latent_cache:
         return Path(recipe.train.latent_cache)
     return Path("cache") / (recipe.name or "recipe").replace("/", "-")
-
-
-def _variants(dataset: Dataset, index: int) -> list[dict]:
-    return dataset.cache_variants(index) if hasattr(dataset, "cache_variants") else [dataset[index]]
 
 
 def _shard_ok(path: Path, n: int) -> bool:
@@ -85,8 +80,7 @@ def cache_latents(
     parts = build_components(recipe)
     dataset, ae = parts.dataset, parts.autoencoder
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if hasattr(ae, "to"):
-        ae.to(device)
+    ae.to(device)
     out = Path(out) if out else default_cache_folder(recipe)
     fp = fingerprint(recipe, dataset, parts.latent_shape, ae)
     index_path = out / INDEX_NAME
@@ -119,7 +113,7 @@ def cache_latents(
             continue  # written by an earlier, interrupted run
         latents, labels = [], []
         for b0 in range(start, stop, batch_size):
-            items = [_variants(dataset, i) for i in range(b0, min(b0 + batch_size, stop))]
+            items = [dataset.cache_variants(i) for i in range(b0, min(b0 + batch_size, stop))]
             v = len(items[0])
             x = torch.stack([it["x"] for variants in items for it in variants]).to(device)
             z = ae.encode(x).float().cpu()
@@ -128,7 +122,7 @@ def cache_latents(
         with atomic_write(path) as tmp:
             save_file({"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels)}, str(tmp))
     index = {"format": CACHE_FORMAT, "fingerprint": fp, "shards": shards,
-             "variants": len(_variants(dataset, 0))}  # fmt: skip
+             "variants": len(dataset.cache_variants(0))}  # fmt: skip
     with atomic_write(index_path) as tmp:
         tmp.write_text(json.dumps(index, indent=2))
     progress_path.unlink(missing_ok=True)

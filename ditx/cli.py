@@ -412,7 +412,7 @@ def add_train_autoencoder_parser(subparsers) -> None:
 
 def run_train_autoencoder(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe, args.overrides)
-    from ditx.autoencoder import train_autoencoder
+    from ditx.train_autoencoder import train_autoencoder
 
     print(train_autoencoder(recipe, out=args.out, overwrite=args.overwrite))
     return 0

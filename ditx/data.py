@@ -1,5 +1,5 @@
-"""Data plumbing shared by every modality: deterministic global batches, bad-sample
-tolerance, and augmentation choices that depend only on (seed, epoch, index)."""
+"""The dataset contract, and data plumbing shared by every modality: deterministic global
+batches, bad-sample tolerance, and augmentation choices that depend only on (seed, epoch, index)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler, default_collate
+
+SPLITS = ("train", "test")
+
+
+class Dataset(TorchDataset):
+    """The dataset contract: what the core asks of a recipe's data, and nothing more.
+
+    A dataset registered in ``ditx.registry.datasets`` is a subclass of this class. Its
+    factory is called with the recipe's ``data`` arguments and two more, always:
+
+    - ``split``: ``"train"`` for training (random augmentation allowed) or ``"test"`` for
+      the metrics' reference: held-out items when the dataset has them, else its items,
+      never augmented at random. A dataset may accept more splits (e.g. ``"all"``).
+    - ``seed``: the recipe's ``train.seed``, for augmentation drawn from
+      ``(seed, epoch, index)`` (see :func:`deterministic_choice`), unless the recipe's
+      ``data`` section sets its own.
+
+    Items are dicts: ``"x"`` (a tensor of ``data_shape``), ``"y"`` (an int class label,
+    present in every item when ``num_classes > 0``, absent otherwise), and any other
+    tensors the autoencoder's ``training_loss`` reads (e.g. an occupancy autoencoder's
+    query points). What the core reads and calls:
+
+    - ``data_shape``: the shape of every item's ``"x"`` (channels first), set in ``__init__``;
+    - ``num_classes``: the number of classes, 0 for unconditional data;
+    - ``split``: the split the dataset was built for (recorded in evaluation protocols);
+    - ``sample_shape``: what a trained model generates, when items hold more than one
+      sample (e.g. a clip and extra image frames for joint training); None means ``data_shape``;
+    - ``set_epoch(epoch)``: called before each epoch, for per-epoch augmentation;
+    - ``cache_key()``: a JSON-able description of what the items depend on beyond the
+      recipe's arguments (for folders: each file's path, size and time), part of a latent
+      cache's identity;
+    - ``cache_variants(index)``: the items a latent cache stores for ``index``, e.g. an
+      image and its mirror when random flips are on (training then picks one per epoch).
+
+    The defaults below suit a dataset without classes, augmentation or files.
+    """
+
+    data_shape: tuple[int, ...]
+    num_classes: int = 0
+    split: str = "train"
+    sample_shape: tuple[int, ...] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch; nothing to do without per-epoch augmentation."""
+
+    def cache_key(self) -> dict[str, Any]:
+        """What the items depend on beyond the recipe's data arguments (JSON-able)."""
+        return {}
+
+    def cache_variants(self, index: int) -> list[dict[str, Any]]:
+        """The items a latent cache stores for ``index``; training picks one per epoch."""
+        return [self[index]]
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define __len__")
 
 
 def deterministic_choice(seed: int, epoch: int, index: int, n: int = 2) -> int:
@@ -46,7 +102,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield perm[first : first + self.local]
 
 
-class SkipBadSamples(Dataset):
+class SkipBadSamples(TorchDataset):
     """Wraps a dataset so that an item that raises becomes an error record (path and reason)."""
 
     def __init__(self, dataset: Dataset):

@@ -350,12 +350,7 @@ class DiT(nn.Module):
                     nn.init.zeros_(m.bias)
 
         self.apply(basic)
-        proj = getattr(self.x_embedder, "proj", None)
-        if isinstance(proj, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-            nn.init.zeros_(proj.bias)
-        if hasattr(self.x_embedder, "initialize_weights"):
-            self.x_embedder.initialize_weights()
+        self.x_embedder.initialize_weights()
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -449,7 +444,7 @@ class DiT(nn.Module):
         if "time" not in axes:
             raise ValueError(f"num_images needs a tokenizer with a 'time' axis, got axes {axes}")
         ti = axes.index("time")
-        patch = getattr(self.x_embedder, "patch_size", None)
+        patch = self.x_embedder.patch_size
         if patch is not None and patch[ti] != 1:
             raise ValueError(f"num_images needs one frame per token along time (patch {patch[ti]} there)")
         if not 0 < num_images < grid[ti]:

@@ -34,8 +34,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if hasattr(parts.autoencoder, "to"):
-        parts.autoencoder.to(device)
+    parts.autoencoder.to(device)
     built = [build_metric(spec) for spec in cfg.metrics]
     reference = reference_dataset(recipe)
     for _, metric in built:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ditx.diffusion import sample as diffusion_sample
 from ditx.recipe import Recipe, SampleConfig
-from ditx.registry import writers
+from ditx.writers import writer_for
 
 
 def class_labels(num: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor | None:
@@ -84,4 +84,4 @@ def generate(
 def write_previews(parts: Any, model: torch.nn.Module, out_dir: str | Path, device) -> list[Path]:
     """Sample ``recipe.sample.num_samples`` and write them as the modality's files."""
     samples, labels = generate(parts, model, parts.recipe.sample.num_samples, device)
-    return writers.get(parts.recipe.modality)(samples, out_dir, labels)
+    return writer_for(parts.recipe.modality)(samples, out_dir, labels)

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from ditx.data import deterministic_choice
+from ditx.data import Dataset, deterministic_choice
 from ditx.recipe import Recipe
 
 logger = logging.getLogger("ditx.cache")
@@ -50,7 +49,7 @@ def weights_sha256(module: Any) -> str | None:
 def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...], autoencoder: Any) -> dict[str, Any]:
     """Everything the cached latents depend on: settings, the autoencoder's weights and
     (through the dataset's ``cache_key``) its files' paths, sizes and modification times."""
-    key = dataset.cache_key() if hasattr(dataset, "cache_key") else {}
+    key = dataset.cache_key()
     return {
         "autoencoder": recipe.autoencoder.to_dict(),
         "autoencoder_weights": weights_sha256(autoencoder),

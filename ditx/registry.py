@@ -295,7 +295,7 @@ autoencoders = Registry("autoencoder", builtins=("ditx.autoencoder",))
 datasets = Registry("dataset")
 metrics = Registry("metric")
 objectives = Registry("objective", builtins=("ditx.diffusion.objectives",))
-# modality name -> function(samples, out_dir, labels=None) writing files a person can look at
+# modality name -> a ditx.writers.Writer: function(samples, out_dir, labels=None) -> written paths
 writers = Registry("writer")
 
 REGISTRIES: dict[str, Registry] = {

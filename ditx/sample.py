@@ -15,7 +15,7 @@ import torch
 
 from ditx.build import load_for_sampling
 from ditx.generation import generate
-from ditx.registry import writers
+from ditx.writers import writer_for
 
 logger = logging.getLogger("ditx.sample")
 
@@ -38,22 +38,15 @@ def sample_from(
     from ditx.files import claim_output_folder
 
     r, parts, model = load_for_sampling(path, recipe, overrides)
-    extra = None
-    if fmt:
-        name = f"{r.modality}-{fmt}"
-        if name not in writers:
-            known = [n.split("-", 1)[1] for n in writers.names() if n.startswith(f"{r.modality}-")]
-            raise ValueError(f"no {fmt!r} output for {r.modality}; formats: {', '.join(known) or '(none)'}")
-        extra = writers.get(name)
+    extra = writer_for(r.modality, fmt) if fmt else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if hasattr(parts.autoencoder, "to"):
-        parts.autoencoder.to(device)
+    parts.autoencoder.to(device)
     num = num or r.sample.num_samples
     out = Path(out) if out else Path(path) / "samples" / f"sample_{r.sample.scheduler}_{r.sample.num_steps}"
     claim_output_folder(out, overwrite=overwrite, what="samples", instead="pass --out DIR for another folder")
     samples, labels = generate(parts, model, num, device, progress=True)
-    writers.get(r.modality)(samples, out, labels)
+    writer_for(r.modality)(samples, out, labels)
     if extra is not None:
         extra(samples, out, labels)
     logger.info("wrote %d samples to %s", num, out)

@@ -55,12 +55,17 @@ class Tokenizer(nn.Module):
     ``out_channels`` and implement ``tokenize``/``untokenize``. ``patch_numel`` is
     the number of output values per token that ``untokenize`` expects per channel,
     so the backbone's final layer emits ``patch_numel * out_channels`` per token.
+    ``patch_size`` (one entry per axis) is set by tokenizers whose tokens are patches
+    of the grid, None otherwise. What the backbone calls besides: ``position_codes``,
+    ``grid_for`` (a data shape's grid, to check sizes before any data is seen) and
+    ``initialize_weights`` (after the backbone's own initialization).
     """
 
     axes: tuple[str, ...] = ()
     hidden_size: int
     out_channels: int
     patch_numel: int
+    patch_size: tuple[int, ...] | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,6 +78,15 @@ class Tokenizer(nn.Module):
     def untokenize(self, tokens: Tensor, grid: Grid) -> Tensor:
         """(B, N, out_channels * patch_numel) -> (B, out_channels, *spatial)."""
         raise NotImplementedError
+
+    def grid_for(self, spatial: Sequence[int]) -> Grid | None:
+        """The grid of data with these spatial sizes (a clear error when they do not fit),
+        or None when the tokenizer cannot tell before tokenizing."""
+        return None
+
+    def initialize_weights(self) -> None:
+        """Initialize the tokenizer's own weights; the backbone calls it after its own
+        initialization (which gave every ``nn.Linear`` Xavier-uniform weights, zero bias)."""
 
     def compute_position_codes(self, grid: Grid) -> Tensor | None:
         """Uncached codes for ``grid``; default: N-D sin-cos over all axes."""
@@ -130,6 +144,12 @@ class PatchTokenizer(Tokenizer):
         self.proj = _CONV[len(self.patch_size)](
             in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
         )
+
+    def initialize_weights(self) -> None:
+        """The patch embedding like a linear layer (DiT: Xavier-uniform over the flattened kernel)."""
+        nn.init.xavier_uniform_(self.proj.weight.view(self.proj.weight.shape[0], -1))
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
 
     def grid_for(self, spatial: Sequence[int]) -> Grid:
         """The token grid of an input with these spatial sizes; a clear error if a size doesn't divide."""

@@ -154,7 +154,7 @@ def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
     """Two-stage recipes (``autoencoder_train.first_stage``): train the autoencoder into
     ``<run>/autoencoder`` unless it is there (a resumed run) or the recipe names weights,
     and point the recipe (and the run's config.yaml) at it."""
-    from ditx.autoencoder import train_autoencoder
+    from ditx.train_autoencoder import train_autoencoder
 
     if not recipe.autoencoder_train.first_stage or recipe.autoencoder.args.get("pretrained"):
         return
@@ -260,8 +260,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     cached = dataset is not parts.dataset
     sampling = parts.for_sampling()  # shapes of what the model generates (previews, checkpoints)
     model, objective, autoencoder = parts.model, parts.objective, parts.autoencoder
-    if hasattr(autoencoder, "to"):
-        autoencoder.to(accelerator.device)
+    autoencoder.to(accelerator.device)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     ema.model.to(accelerator.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
@@ -301,8 +300,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     model.train()
     while step < cfg.steps:
         epoch, start = divmod(micro_step, per_epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         sampler = GlobalBatchSampler(len(data), local, rank, world, cfg.seed, epoch, start)
         loader = DataLoader(
             data,

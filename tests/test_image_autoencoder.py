@@ -11,10 +11,11 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from ditx.autoencoder import Autoencoder, train_autoencoder
+from ditx.autoencoder import Autoencoder
 from ditx.cli import main
 from ditx.recipe import RecipeError, recipe_from_dict
 from ditx.registry import autoencoders
+from ditx.train_autoencoder import train_autoencoder
 from modalities.image.autoencoder import SDVAE
 
 autoencoders.register("sd-vae", SDVAE)  # a no-op once modalities.image registers it too

@@ -8,7 +8,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from ditx import metrics as core
 from ditx.files import ditx_cache_dir
+from modalities.image import digits_classifier as DC
 from modalities.image import metrics as M
 from modalities.image.data import DigitsDataset
 
@@ -27,7 +29,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def classifier(cache_dir):
-    return M.load_or_train_digits_classifier(16, 1, cache_dir=cache_dir)
+    return DC.load_or_train_digits_classifier(16, 1, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +68,9 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     b = gaussian_samples(300, mu2, torch.diag(var2), seed=2)
 
     expected = float(((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * (var1 * var2).sqrt()).sum())
-    assert M.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
-    assert M.frechet_distance(b, a) == pytest.approx(expected, rel=1e-6)
-    assert abs(M.frechet_distance(a, a)) < 1e-8
+    assert core.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert core.frechet_distance(b, a) == pytest.approx(expected, rel=1e-6)
+    assert abs(core.frechet_distance(a, a)) < 1e-8
 
 
 def test_frechet_distance_matches_scipy_sqrtm_for_general_covariances():
@@ -77,7 +79,7 @@ def test_frechet_distance_matches_scipy_sqrtm_for_general_covariances():
     b = rng.normal(size=(120, 5)) @ rng.normal(size=(5, 5))
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert M.frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
+    assert core.frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_kernel_distance_is_the_unbiased_polynomial_mmd():
@@ -92,29 +94,29 @@ def test_kernel_distance_is_the_unbiased_polynomial_mmd():
     off = 1 - torch.eye(m, dtype=torch.float64)
     expected = (k(a, a) * off).sum() / (m * (m - 1)) + (k(b, b) * off).sum() / (m * (m - 1)) - 2 * k(a, b).mean()
     # one subset of the whole set: the estimate is the MMD² of the full sets
-    mean, std = M.kernel_distance(a, b, subsets=1, subset_size=m)
+    mean, std = core.kernel_distance(a, b, subsets=1, subset_size=m)
     assert mean == pytest.approx(float(expected), rel=1e-6)
     assert std == 0.0
     # subset_size larger than the sets is capped, not an error
-    assert M.kernel_distance(a, b, subsets=1, subset_size=10_000)[0] == pytest.approx(float(expected), rel=1e-6)
+    assert core.kernel_distance(a, b, subsets=1, subset_size=10_000)[0] == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_kernel_distance_is_reproducible_and_leaves_the_global_rng_alone():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 4, generator=g), torch.randn(60, 4, generator=g) + 0.5
     state = torch.get_rng_state()
-    first = M.kernel_distance(a, b, subsets=20, subset_size=30, seed=3)
+    first = core.kernel_distance(a, b, subsets=20, subset_size=30, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
-    assert M.kernel_distance(a, b, subsets=20, subset_size=30, seed=3) == first
-    assert M.kernel_distance(a, b, subsets=20, subset_size=30, seed=4) != first
+    assert core.kernel_distance(a, b, subsets=20, subset_size=30, seed=3) == first
+    assert core.kernel_distance(a, b, subsets=20, subset_size=30, seed=4) != first
     assert first[1] > 0  # different subsets give different estimates
 
 
 def test_distances_reject_bad_feature_shapes():
     with pytest.raises(ValueError, match="feature sizes differ"):
-        M.frechet_distance(torch.randn(10, 3), torch.randn(10, 4))
+        core.frechet_distance(torch.randn(10, 3), torch.randn(10, 4))
     with pytest.raises(ValueError, match="N >= 2"):
-        M.kernel_distance(torch.randn(1, 3), torch.randn(10, 3))
+        core.kernel_distance(torch.randn(1, 3), torch.randn(10, 3))
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,10 +126,10 @@ def test_distances_reject_bad_feature_shapes():
 
 @pytest.mark.parametrize("channels,size", [(1, 8), (1, 16), (3, 32), (1, 64)])
 def test_classifier_takes_any_size_and_1_or_3_channels(channels, size):
-    model = M.DigitsClassifier(channels)
+    model = DC.DigitsClassifier(channels)
     x = torch.rand(5, channels, size, size) * 2 - 1
     assert model(x).shape == (5, 10)
-    assert model.features(x).shape == (5, M.FEATURE_DIM)
+    assert model.features(x).shape == (5, DC.FEATURE_DIM)
     with pytest.raises(ValueError, match="expects"):
         model(torch.rand(5, 3 if channels == 1 else 1, size, size))
 
@@ -197,20 +199,20 @@ def test_second_call_loads_from_the_cache(cache_dir, classifier, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("load_or_train_digits_classifier retrained although the cache holds the model")
 
-    monkeypatch.setattr(M, "train_digits_classifier", no_training)
+    monkeypatch.setattr(DC, "train_digits_classifier", no_training)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = M.load_or_train_digits_classifier(16, 1, cache_dir=cache_dir)
+        loaded = DC.load_or_train_digits_classifier(16, 1, cache_dir=cache_dir)
     for (name, a), (_, b) in zip(classifier.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.weights_sha256 == classifier.weights_sha256
     # only the finished file is there: no temporaries left by the atomic write
-    assert [p.name for p in cache_dir.iterdir()] == [M.classifier_cache_path(classifier.settings, cache_dir).name]
+    assert [p.name for p in cache_dir.iterdir()] == [DC.classifier_cache_path(classifier.settings, cache_dir).name]
 
 
 def test_corrupted_cache_file_is_retrained_with_a_warning(cache_dir, classifier, tmp_path, monkeypatch):
-    path = M.classifier_cache_path(classifier.settings, tmp_path)
-    data = bytearray(M.classifier_cache_path(classifier.settings, cache_dir).read_bytes())
+    path = DC.classifier_cache_path(classifier.settings, tmp_path)
+    data = bytearray(DC.classifier_cache_path(classifier.settings, cache_dir).read_bytes())
     path.write_bytes(bytes(data[: len(data) // 2]))  # a truncated file, as after a crash without atomic writes
 
     calls = []
@@ -218,26 +220,26 @@ def test_corrupted_cache_file_is_retrained_with_a_warning(cache_dir, classifier,
     def cheap_training(settings, device="cpu"):  # stands in for the real (tested above) training
         calls.append(settings)
         torch.manual_seed(0)
-        return M.DigitsClassifier(settings["channels"]).eval()
+        return DC.DigitsClassifier(settings["channels"]).eval()
 
-    monkeypatch.setattr(M, "train_digits_classifier", cheap_training)
+    monkeypatch.setattr(DC, "train_digits_classifier", cheap_training)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        retrained = M.load_or_train_digits_classifier(16, 1, cache_dir=tmp_path)
+        retrained = DC.load_or_train_digits_classifier(16, 1, cache_dir=tmp_path)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("could not be loaded" in m for m in messages), messages
     assert any("test accuracy" in m for m in messages), messages  # the untrained stand-in is flagged too
     assert len(calls) == 1
     # the cache now holds the retrained model, and loads without training
-    monkeypatch.setattr(M, "train_digits_classifier", lambda *a, **k: pytest.fail("trained twice"))
-    again = M.load_or_train_digits_classifier(16, 1, cache_dir=tmp_path)
+    monkeypatch.setattr(DC, "train_digits_classifier", lambda *a, **k: pytest.fail("trained twice"))
+    again = DC.load_or_train_digits_classifier(16, 1, cache_dir=tmp_path)
     assert torch.equal(again.head.weight, retrained.head.weight)
 
 
 def test_cache_location_and_key(monkeypatch, tmp_path):
     monkeypatch.setenv("DITX_CACHE", str(tmp_path))
     assert ditx_cache_dir() == tmp_path
-    s16, s32 = M.classifier_settings(16, 1), M.classifier_settings(32, 1)
-    assert M.classifier_cache_path(s16).parent == tmp_path
-    assert M.classifier_cache_path(s16) != M.classifier_cache_path(s32)
-    assert M.classifier_cache_path(s16) == M.classifier_cache_path(M.classifier_settings(16, 1))
+    s16, s32 = DC.classifier_settings(16, 1), DC.classifier_settings(32, 1)
+    assert DC.classifier_cache_path(s16).parent == tmp_path
+    assert DC.classifier_cache_path(s16) != DC.classifier_cache_path(s32)
+    assert DC.classifier_cache_path(s16) == DC.classifier_cache_path(DC.classifier_settings(16, 1))

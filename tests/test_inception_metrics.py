@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from ditx import metrics as core
+from ditx.data import Dataset
+from modalities.image import inception as INC
 from modalities.image import metrics as M
 from modalities.image.io import write_adm_npz
 
@@ -26,7 +29,7 @@ pytest.importorskip("torchmetrics")
 
 @pytest.mark.parametrize("splits", [1, 4])
 def test_inception_score_of_uniform_predictions_is_one(splits):
-    score, std = M.inception_score(torch.zeros(40, 1008), splits=splits)
+    score, std = INC.inception_score(torch.zeros(40, 1008), splits=splits)
     assert score == pytest.approx(1.0, abs=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12)
 
@@ -34,7 +37,7 @@ def test_inception_score_of_uniform_predictions_is_one(splits):
 @pytest.mark.parametrize("classes", [1, 2, 7, 10])
 def test_inception_score_of_confident_predictions_spread_evenly_is_the_class_count(classes):
     probs = torch.eye(classes, dtype=torch.float64).repeat(5, 1)  # one-hot, 5 images per class
-    score, _ = M.inception_score(probs.log(), splits=1)  # probabilities go in as log-probabilities
+    score, _ = INC.inception_score(probs.log(), splits=1)  # probabilities go in as log-probabilities
     assert score == pytest.approx(classes, rel=1e-12)
 
 
@@ -43,7 +46,7 @@ def test_inception_score_matches_its_definition_on_random_predictions():
     probs = torch.softmax(3 * torch.randn(50, 12, generator=g, dtype=torch.float64), dim=1).numpy()
     marginal = probs.mean(0)
     expected = math.exp(np.mean(np.sum(probs * (np.log(probs) - np.log(marginal)), axis=1)))
-    score, _ = M.inception_score(torch.from_numpy(probs).log(), splits=1)
+    score, _ = INC.inception_score(torch.from_numpy(probs).log(), splits=1)
     assert score == pytest.approx(expected, rel=1e-10)
 
 
@@ -52,15 +55,15 @@ def test_inception_score_splits_are_seeded_and_leave_the_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    first = M.inception_score(logits, splits=10, seed=5)
+    first = INC.inception_score(logits, splits=10, seed=5)
     assert torch.equal(torch.rand(3), expected_next)
-    assert M.inception_score(logits, splits=10, seed=5) == first
+    assert INC.inception_score(logits, splits=10, seed=5) == first
     assert 1.0 <= first[0] <= 20.0 and first[1] > 0
 
 
 def test_inception_score_rejects_more_splits_than_predictions():
     with pytest.raises(ValueError, match="splits"):
-        M.inception_score(torch.zeros(3, 10), splits=4)
+        INC.inception_score(torch.zeros(3, 10), splits=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,17 +76,17 @@ def test_frechet_distance_to_stats_equals_the_distance_to_the_features_they_summ
     reference = torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g).double() + 3
     samples = torch.randn(30, 6, generator=g, dtype=torch.float64)
     mu, sigma = reference.mean(0), torch.cov(reference.T)
-    expected = M.frechet_distance(reference, samples)
-    assert M.frechet_distance_to_stats(mu, sigma, samples) == pytest.approx(expected, rel=1e-9)
+    expected = core.frechet_distance(reference, samples)
+    assert core.frechet_distance_to_stats(mu, sigma, samples) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="sigma"):
-        M.frechet_distance_to_stats(mu, sigma[:5, :5], samples)
+        core.frechet_distance_to_stats(mu, sigma[:5, :5], samples)
 
 
 def test_reference_stats_file_without_mu_and_sigma_is_refused(tmp_path):
     path = tmp_path / "ref.npz"
     np.savez(path, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="mu.*sigma"):
-        M.load_reference_stats(path)
+        INC.load_reference_stats(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +96,7 @@ def test_reference_stats_file_without_mu_and_sigma_is_refused(tmp_path):
 
 @pytest.fixture
 def no_weights_anywhere(tmp_path, monkeypatch):
-    monkeypatch.delenv(M.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(INC.INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty torch.hub directory
     return tmp_path
 
@@ -103,20 +106,20 @@ def test_missing_weights_error_names_the_file_where_to_get_it_and_how_to_pass_it
     with pytest.raises(FileNotFoundError) as info:
         metric.prepare(None, "cpu")
     message = str(info.value)
-    for needed in (M.INCEPTION_WEIGHTS_FILE, "weights_path", M.INCEPTION_WEIGHTS_ENV, "https://", "download=True"):
+    for needed in (INC.INCEPTION_WEIGHTS_FILE, "weights_path", INC.INCEPTION_WEIGHTS_ENV, "https://", "download=True"):
         assert needed in message
 
 
 def test_a_given_but_missing_weights_file_is_an_error_not_a_fallback(no_weights_anywhere, monkeypatch):
     hub = no_weights_anywhere / "torch-home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / M.INCEPTION_WEIGHTS_FILE).write_bytes(b"present")
+    (hub / INC.INCEPTION_WEIGHTS_FILE).write_bytes(b"present")
     missing = no_weights_anywhere / "nowhere.pth"
-    with pytest.raises(FileNotFoundError, match="nowhere.pth.*" + M.INCEPTION_WEIGHTS_FILE):
-        M.find_inception_weights(missing)
-    monkeypatch.setenv(M.INCEPTION_WEIGHTS_ENV, str(missing))
-    with pytest.raises(FileNotFoundError, match=M.INCEPTION_WEIGHTS_ENV):
-        M.find_inception_weights()
+    with pytest.raises(FileNotFoundError, match="nowhere.pth.*" + INC.INCEPTION_WEIGHTS_FILE):
+        INC.find_inception_weights(missing)
+    monkeypatch.setenv(INC.INCEPTION_WEIGHTS_ENV, str(missing))
+    with pytest.raises(FileNotFoundError, match=INC.INCEPTION_WEIGHTS_ENV):
+        INC.find_inception_weights()
 
 
 def test_weights_are_found_from_the_argument_the_environment_and_the_torch_hub_directory(
@@ -128,29 +131,29 @@ def test_weights_are_found_from_the_argument_the_environment_and_the_torch_hub_d
     from_env.write_bytes(b"x")
     hub = no_weights_anywhere / "torch-home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / M.INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY).write_bytes(b"x")
-    assert M.find_inception_weights() == hub / M.INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY
-    monkeypatch.setenv(M.INCEPTION_WEIGHTS_ENV, str(from_env))
-    assert M.find_inception_weights() == from_env
-    assert M.find_inception_weights(given) == given
+    (hub / INC.INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY).write_bytes(b"x")
+    assert INC.find_inception_weights() == hub / INC.INCEPTION_WEIGHTS_FILE_TORCH_FIDELITY
+    monkeypatch.setenv(INC.INCEPTION_WEIGHTS_ENV, str(from_env))
+    assert INC.find_inception_weights() == from_env
+    assert INC.find_inception_weights(given) == given
 
 
 def test_a_file_that_is_not_a_state_dict_is_refused_with_the_how_to(tmp_path):
     bad = tmp_path / "not-weights.pth"
     bad.write_bytes(b"this is not a torch file")
     try:
-        M.inception_extractor_class()
+        INC.inception_extractor_class()
     except ImportError as e:
         pytest.skip(f"torch-fidelity is not importable: {e}")
-    with pytest.raises(ValueError, match=M.INCEPTION_WEIGHTS_FILE):
-        M.load_inception_extractor(bad)
+    with pytest.raises(ValueError, match=INC.INCEPTION_WEIGHTS_FILE):
+        INC.load_inception_extractor(bad)
 
 
 def test_missing_torch_fidelity_is_an_import_error_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # None in sys.modules: "not installed"
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(ImportError, match="pip install --no-deps"):
-        M.inception_extractor_class()
+        INC.inception_extractor_class()
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_missing_torch_fidelity_is_an_import_error_with_the_install_command(monk
 def random_weights(tmp_path_factory):
     """A state dict of a randomly initialised FeatureExtractorInceptionV3, saved like the real weights file."""
     try:
-        extractor = M.inception_extractor_class()
+        extractor = INC.inception_extractor_class()
     except ImportError as e:
         pytest.skip(f"torch-fidelity is not importable: {e}")
     module = sys.modules[extractor.__module__]
@@ -180,7 +183,7 @@ def random_weights(tmp_path_factory):
     return path
 
 
-class ImageList(torch.utils.data.Dataset):
+class ImageList(Dataset):
     """A dataset of {"x": image} items and no ``images`` attribute: the metric must stream it."""
 
     def __init__(self, images):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import trimesh
 
+from ditx.data import Dataset
 from modalities.shape3d.metrics import (
     PointCloudSetMetric,
     _nearest_blocked,
@@ -144,6 +145,21 @@ def test_one_nna_is_near_half_for_one_distribution_and_near_one_for_two():
     assert one_nna(a, a, "cd") == 0.0  # every shape's nearest other is its copy in the other set
 
 
+class _Items(Dataset):
+    """A reference dataset of given items (the metric contract takes a ditx Dataset)."""
+
+    split = "test"
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 def test_shape_metrics_from_meshes_and_the_metric_class():
     rng = np.random.default_rng(0)
     balls = [trimesh.creation.icosphere(2, radius=r) for r in (0.2, 0.3, 0.4, 0.5)]
@@ -155,7 +171,7 @@ def test_shape_metrics_from_meshes_and_the_metric_class():
     assert same["cov-cd"] == 1.0 and same["mmd-cd"] < out["mmd-cd"]
 
     g = torch.Generator().manual_seed(5)
-    reference = [{"surface": s} for s in spheres(6, 300, g)]
+    reference = _Items([{"surface": s} for s in spheres(6, 300, g)])
     metric = PointCloudSetMetric(n_points=256, emd_points=32)
     metric.prepare(reference)
     result = metric.compute(spheres(6, 300, g))

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ditx import checkpoint as ckpt
+from ditx.data import Dataset
 from ditx.files import OutputExistsError
 from ditx.registry import datasets, objectives
 from ditx.train import DataBudgetError, NonFiniteGradientError, NonFiniteLossError, train
@@ -174,10 +175,10 @@ def test_all_checkpoints_corrupt_is_an_error_naming_each_and_deleting_nothing(ti
     assert _tree(part) == before
 
 
-class _Flaky(torch.utils.data.Dataset):
+class _Flaky(Dataset):
     """Digits whose items misbehave: NaN images from some epoch on, or unreadable files."""
 
-    def __init__(self, nan_from_epoch=None, broken=(), size=8, seed=0):
+    def __init__(self, nan_from_epoch=None, broken=(), size=8, seed=0, split="train"):
         from modalities.image.data import DigitsDataset
 
         self.base = DigitsDataset(size=size)

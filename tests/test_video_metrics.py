@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modalities.image import metrics as IM
+from ditx.data import Dataset
+from modalities.image import inception as INC
 from modalities.video import metrics as VM
 from modalities.video import moving_digits_metric as MDM
 
@@ -29,7 +30,7 @@ pytest.importorskip("torchmetrics")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 
 
-class ClipList(torch.utils.data.Dataset):
+class ClipList(Dataset):
     """A dataset of {"x": clip (C, T, H, W)} items, with "y" when labels are given."""
 
     def __init__(self, clips, labels=None, split="test"):
@@ -258,7 +259,7 @@ def test_clips_to_frames_puts_frame_t_of_clip_i_at_row_i_times_t():
 def random_inception(tmp_path_factory):
     """A randomly initialised FeatureExtractorInceptionV3 state dict, as in test_inception_metrics."""
     try:
-        extractor = IM.inception_extractor_class()
+        extractor = INC.inception_extractor_class()
     except ImportError as e:
         pytest.skip(f"torch-fidelity is not importable: {e}")
     module = sys.modules[extractor.__module__]

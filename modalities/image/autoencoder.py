@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ditx.autoencoder import Autoencoder
 
 # Architectures for ``config: <name>`` (an untrained VAE, e.g. to train from scratch).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -129,7 +131,7 @@ def _config_kwargs(config: str | dict) -> dict[str, Any]:
     raise TypeError(f"sd-vae: config must be a name ({', '.join(CONFIGS)}) or a mapping, got {config!r}")
 
 
-class SDVAE(nn.Module):
+class SDVAE(Autoencoder):
     """Diffusers' ``AutoencoderKL`` behind ditx's ``Autoencoder`` protocol.
 
     Args:
@@ -149,6 +151,8 @@ class SDVAE(nn.Module):
     The VAE is frozen (eval mode, no gradients) for diffusion training; ``trainable()``
     unfreezes it and ``training_loss(x)`` gives the loss to train it with.
     """
+
+    supports_training = True
 
     def __init__(
         self,
@@ -257,12 +261,6 @@ class SDVAE(nn.Module):
     # ----------------------------------------------------------------------------------
     # training (ditx train-autoencoder)
     # ----------------------------------------------------------------------------------
-
-    def freeze(self) -> SDVAE:
-        """Eval mode, no gradients: how diffusion training uses the VAE."""
-        self.eval()
-        self.requires_grad_(False)
-        return self
 
     def trainable(self) -> SDVAE:
         """Train mode with gradients and float32 weights (mixed precision comes from autocast)."""

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from ditx.data import deterministic_choice, has_extension, scan_class_folders
+from ditx.data import SPLITS, Dataset, deterministic_choice, has_extension, scan_class_folders
 from ditx.files import files_fingerprint
 
 logger = logging.getLogger("ditx.image")
@@ -23,7 +22,8 @@ class DigitsDataset(Dataset):
     """scikit-learn's handwritten digits (1,797 8×8 grey images, 10 classes), upsampled.
 
     Items are ``{"x": (channels, size, size) in [-1, 1], "y": label}``. ``split``
-    chooses a fixed, stratified 80/20 partition (``train``/``test``) or ``all``.
+    chooses a fixed, stratified 80/20 partition (``train``/``test``) or ``all``; ``flip``
+    (random horizontal flips) applies to training splits, never to ``test``.
     No download: the data ships inside scikit-learn.
     """
 
@@ -51,7 +51,7 @@ class DigitsDataset(Dataset):
         self.images = (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()  # (N, C, S, S)
         self.labels = labels
         self.split = split
-        self.flip = flip
+        self.flip = flip and split != "test"  # the metrics' reference is never augmented
         self.seed = seed
         self.epoch = 0
         self.data_shape = tuple(self.images.shape[1:])
@@ -136,7 +136,9 @@ class ImageFolderDataset(Dataset):
     worker, process and resumed run. Images are opened in ``__getitem__`` (works with
     DataLoader workers); EXIF orientation is applied; grey, RGBA and palette images become
     RGB. A file that cannot be decoded raises ``OSError`` naming its path, which the
-    trainer logs and skips within ``train.max_bad_samples``.
+    trainer logs and skips within ``train.max_bad_samples``. The folder has no held-out
+    part: ``split="test"`` (the metrics' reference) is the same images, never flipped;
+    evaluate against another folder with ``ditx eval RUN data.root=<held-out folder>``.
     """
 
     def __init__(
@@ -147,7 +149,10 @@ class ImageFolderDataset(Dataset):
         seed: int = 0,
         class_folders: bool | None = None,
         extensions: list[str] | tuple[str, ...] = IMAGE_EXTENSIONS,
+        split: str = "train",
     ):
+        if split not in SPLITS:
+            raise ValueError(f"image-folder split must be one of {', '.join(SPLITS)}, got {split!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"image-folder size must be a positive integer, got {size!r}")
         if isinstance(extensions, str):
@@ -158,7 +163,8 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser().absolute()  # absolute paths in errors, whatever the cwd
         if not self.root.is_dir():
             raise FileNotFoundError(f"image-folder root {str(self.root)!r} is not a directory (set data.root=...)")
-        self.size, self.flip, self.seed, self.extensions = size, flip, seed, exts
+        self.size, self.seed, self.extensions, self.split = size, seed, exts, split
+        self.flip = flip and split != "test"  # the metrics' reference is never augmented
         self.epoch = 0
 
         files, labels, self.classes = self._scan(class_folders)

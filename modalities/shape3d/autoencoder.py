@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditx.autoencoder import Autoencoder
 from modalities.shape3d.extract import DEFAULT_CHUNK
 
 logger = logging.getLogger("ditx.shape3d")
@@ -94,7 +95,7 @@ def plane_convnet(c_in: int, width: int, c_out: int, groups: int = 8) -> nn.Sequ
     )  # fmt: skip
 
 
-class TriplaneAutoencoder(nn.Module):
+class TriplaneAutoencoder(Autoencoder):
     """Point cloud (N, 3) -> normalised triplane latent (C, 3, R, R) -> occupancy (see module doc).
 
     Args:
@@ -108,6 +109,8 @@ class TriplaneAutoencoder(nn.Module):
             the default, 16,384, is also the fastest on CPU: see ``modalities.shape3d.extract``).
         pretrained: a folder written by ``save_pretrained`` (weights, config, latent statistics).
     """
+
+    supports_training = True
 
     def __init__(
         self,
@@ -233,11 +236,6 @@ class TriplaneAutoencoder(nn.Module):
 
     # ---- training ---------------------------------------------------------------------
 
-    def freeze(self) -> TriplaneAutoencoder:
-        self.eval()
-        self.requires_grad_(False)
-        return self
-
     def trainable(self) -> TriplaneAutoencoder:
         self.float().train()
         self.requires_grad_(True)
@@ -290,6 +288,15 @@ class TriplaneAutoencoder(nn.Module):
             "iou": float((pred & truth).sum().item() / union) if union else 1.0,
             "bce": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
         }
+
+    def loss_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The query points and their occupancy labels."""
+        return {k: batch[k] for k in ("points", "occupancy") if k in batch}
+
+    @torch.no_grad()
+    def calibrate_latents(self, x: Tensor, training_batches) -> None:
+        """Per-channel statistics of the unnormalised latents of (up to 512) training shapes."""
+        self.fit_latent_statistics(torch.cat([self.encode_unnormalized(b["x"]) for b in training_batches]))
 
     @torch.no_grad()
     def fit_latent_statistics(self, latents: Tensor) -> None:

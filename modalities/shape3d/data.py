@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from ditx.data import files_under, has_extension
+from ditx.data import Dataset, files_under, has_extension
 from ditx.files import ditx_cache_dir, files_fingerprint
 from modalities.shape3d.mesh import (
     MESH_EXTENSIONS,

@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from ditx.data import Dataset
+from ditx.metrics import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +347,7 @@ def shape_metrics_from_meshes(
 # ---------------------------------------------------------------------------------------
 
 
-class PointCloudSetMetric:
+class PointCloudSetMetric(Metric):
     """MMD / COV / 1-NNA of generated shapes against a reference split, under CD and EMD (module doc).
 
     ::
@@ -401,7 +403,7 @@ class PointCloudSetMetric:
             )
         self.reference = self._subset(clouds, self.n_points, 0)
         self.reference_description = {
-            "dataset": type(reference).__name__, "split": getattr(reference, "split", None), "size": count,
+            "dataset": type(reference).__name__, "split": reference.split, "size": count,
         }  # fmt: skip
 
     def compute(self, samples: Tensor | Sequence[Any], labels: Tensor | None = None) -> dict[str, float]:

@@ -48,9 +48,10 @@ class TriplaneTokenizer(PatchTokenizer):
         super().__init__(("plane", "height", "width"), patch, in_channels, hidden_size, out_channels)
         self.layout = layout
         self.plane_embed = nn.Parameter(torch.zeros(3, hidden_size))
-        self.initialize_weights()
+        nn.init.normal_(self.plane_embed, std=0.02)
 
     def initialize_weights(self) -> None:
+        super().initialize_weights()
         nn.init.normal_(self.plane_embed, std=0.02)
 
     # ---- layouts ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ditx.autoencoder import Autoencoder
 from modalities.image.autoencoder import DTYPES, SDVAE, load_pretrained_model
 
 # ======================================================================================
@@ -48,7 +49,7 @@ def batch_to_frames(x: Tensor, batch_size: int) -> Tensor:
     return x.reshape(batch_size, bt // batch_size, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
 
 
-class FramewiseVAE(nn.Module):
+class FramewiseVAE(Autoencoder):
     """SD's VAE (``sd-vae``, diffusers' ``AutoencoderKL``) applied to every frame of a video.
 
     Latte's latent space: each frame is encoded on its own, so time is not compressed,
@@ -67,6 +68,8 @@ class FramewiseVAE(nn.Module):
     frame exactly as ``sd-vae`` takes it per image. ``save_pretrained`` writes an
     ``AutoencoderKL`` folder, which both ``framewise-vae`` and ``sd-vae`` load.
     """
+
+    supports_training = True
 
     def __init__(
         self,
@@ -265,7 +268,7 @@ def _video_config_kwargs(kind: str, config: str | dict) -> dict[str, Any]:
     raise TypeError(f"video-vae: config must be a name ({', '.join(CONFIGS[kind])}) or a mapping, got {config!r}")
 
 
-class VideoVAE(nn.Module):
+class VideoVAE(Autoencoder):
     """A diffusers 3D causal VAE (CogVideoX's or Wan's) behind ditx's ``Autoencoder`` protocol.
 
     Args:
@@ -468,12 +471,6 @@ class VideoVAE(nn.Module):
         mean, std = self._normalization(z)
         raw = (z.float() / self.scaling_factor * std + mean).to(next(self.vae.parameters()).dtype)
         return self.vae.decode(raw).sample.to(z.dtype)
-
-    def freeze(self) -> VideoVAE:
-        """Eval mode, no gradients: how diffusion training uses the VAE."""
-        self.eval()
-        self.requires_grad_(False)
-        return self
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the VAE (config.json + safetensors) for ``VideoVAE(kind, pretrained=directory)``.

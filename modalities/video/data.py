@@ -23,9 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from ditx.data import deterministic_choice, has_extension, scan_class_folders
+from ditx.data import Dataset, deterministic_choice, has_extension, scan_class_folders
 from ditx.files import atomic_write, ditx_cache_dir, files_fingerprint
 
 logger = logging.getLogger("ditx.video")
@@ -397,7 +396,8 @@ class VideoFolderDataset(Dataset):
     ``"caption"`` when every manifest row has one). A clip is every ``frame_stride``-th
     frame from a start frame; ``split="train"`` draws the start with
     ``deterministic_choice(seed, epoch, index, n)``, the same in every worker, process
-    and resumed run; ``"test"``/``"eval"`` take the centred clip. Frames are resized so
+    and resumed run; ``"test"``/``"eval"`` take the centred clip (``"test"``, the metrics'
+    reference, is never flipped). Frames are resized so
     the short side is ``size`` (antialiased bilinear) and centre-cropped; with ``flip``
     the clip is mirrored when ``deterministic_choice(seed, epoch, ~index)`` says so
     (another key than the start's, so the two are independent). ``decode_size`` makes
@@ -458,7 +458,8 @@ class VideoFolderDataset(Dataset):
         if not exts:
             raise ValueError(f"{name} extensions must name at least one file type, got {extensions!r}")
         self.root = Path(root).expanduser().absolute()  # absolute paths in errors, whatever the cwd
-        self.num_frames, self.frame_stride, self.size, self.flip = num_frames, frame_stride, size, flip
+        self.num_frames, self.frame_stride, self.size = num_frames, frame_stride, size
+        self.flip = flip and split != "test"  # the metrics' reference is never augmented
         self.short_policy, self.split, self.seed, self.extensions = short_policy, split, seed, exts
         self.decode_size = decode_size
         if isinstance(image_frames, bool) or not isinstance(image_frames, int) or image_frames < 0:

@@ -100,13 +100,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
+from ditx.data import Dataset
 from ditx.files import file_sha256
-from modalities.image.metrics import (
-    FeatureDistanceMetric,
-    InceptionMetric,
-)
+from ditx.metrics import FeatureDistanceMetric, Metric
+from modalities.image.metrics import InceptionMetric
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +184,7 @@ class ClipFrames(Dataset):
             )
         self.clip_shape = tuple(first.shape)
         self.num_frames = first.shape[1]
-        self.split = getattr(clips, "split", None)
+        self.split = clips.split
         self._cached: tuple[int, Tensor] = (0, first)
 
     def __len__(self) -> int:
@@ -428,7 +426,7 @@ class FVDMetric(FeatureDistanceMetric):
 # ---------------------------------------------------------------------------------------
 
 
-class FrameFIDMetric:
+class FrameFIDMetric(Metric):
     """FID, Inception Score and KID of the frames of clips, by the image modality's ``InceptionMetric``.
 
     ::

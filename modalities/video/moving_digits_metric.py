@@ -16,19 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
+from ditx.data import Dataset
 from ditx.files import ditx_cache_dir
+from ditx.metrics import Metric, cached_classifier, frechet_distance, settings_hash
 from ditx.registry import package_version
-from modalities.image.metrics import (
-    CLASSIFIER_INPUT_SIZE,
-    FEATURE_DIM,
-    DigitsClassifier,
-    _shift_1px,
-    cached_classifier,
-    frechet_distance,
-    settings_hash,
-)
+from modalities.image.digits_classifier import CLASSIFIER_INPUT_SIZE, FEATURE_DIM, DigitsClassifier, _shift_1px
 from modalities.video.metrics import _check_clips, _dataset_clips, clips_to_frames
 
 logger = logging.getLogger(__name__)
@@ -318,7 +311,7 @@ def load_or_train_moving_digits_classifier(
 # ---------------------------------------------------------------------------------------
 
 
-class MovingDigitsMetric:
+class MovingDigitsMetric(Metric):
     """Accuracy, consistency, motion and Fréchet distances of moving-digits clips (see the module doc).
 
     ::
@@ -389,7 +382,7 @@ class MovingDigitsMetric:
         self.reference_motion_px = float(clip_motion_px(clips).mean())
         self.reference_description = {
             "dataset": type(reference).__name__,
-            "split": getattr(reference, "split", None),
+            "split": reference.split,
             "size": len(clips),
             "clip_shape": list(self.reference_clip_shape),
             "labelled": labels is not None,

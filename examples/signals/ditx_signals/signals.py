@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
-from torch.utils.data import Dataset
 
+from ditx.data import Dataset
+from ditx.metrics import Metric
 from ditx.tokenizer import PatchTokenizer
 
 
@@ -71,7 +72,7 @@ def dominant_frequency(signals: Tensor) -> Tensor:
     return spectrum[:, 1:].argmax(dim=-1) + 1
 
 
-class DominantFrequencyMetric:
+class DominantFrequencyMetric(Metric):
     """Share of samples whose dominant frequency is their class's (``frequency_accuracy``), and
     the same judge on the reference split (``reference_frequency_accuracy``: its ceiling)."""
 
