@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,13 @@ from ditx.registry import metrics as metric_registry
 
 @dataclass
 class Components:
+    """A recipe's parts with their shapes checked together. The model is built when first
+    asked for (``cache-latents`` never asks), or set from loaded weights (sampling)."""
+
     recipe: Recipe
     dataset: Dataset | None
     autoencoder: Autoencoder
     objective: Any
-    model: DiT
     data_shape: tuple[int, ...] | None
     latent_shape: tuple[int, ...]
     num_classes: int
@@ -44,25 +45,39 @@ class Components:
     sample_data_shape: tuple[int, ...] | None = None
     sample_latent_shape: tuple[int, ...] | None = None
     source: Path | None = None  # the checkpoint the weights were loaded from, if any
+    _model: DiT | None = None
+
+    @property
+    def model(self) -> DiT:
+        """The recipe's DiT, randomly initialized on first use, unless weights were set."""
+        if self._model is None:
+            self._model = build_model(self.recipe, self.latent_shape, self.num_classes, self.objective)
+        return self._model
+
+    @model.setter
+    def model(self, model: DiT) -> None:
+        self._model = model
 
     def for_sampling(self) -> Components:
-        """These components with the shapes a trained model generates."""
+        """These components with the shapes a trained model generates (the same model)."""
         if self.sample_latent_shape is None:
             return self
+        self.model  # noqa: B018  (built once, shared by both)
         return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape)
 
 
-def build_dataset(recipe: Recipe, split: str | None = None) -> Dataset:
+def build_dataset(recipe: Recipe, split: str | None = None, augment: bool = True) -> Dataset:
     """The recipe's dataset (see :class:`ditx.data.Dataset` for what a factory is given).
 
-    ``split`` replaces the recipe's (``data.split``, default ``"train"``); ``"test"`` is the
-    metrics' reference.
+    ``split`` replaces the recipe's (``data.split``, default ``"train"``); ``augment=False``
+    builds it without random augmentation (the metrics' reference).
     """
     args = dict(recipe.data.args)
     if split is not None:
         args["split"] = split
     args.setdefault("split", "train")
     args.setdefault("seed", recipe.train.seed)
+    args["augment"] = augment
     return _built(datasets.build(recipe.data.name, **args), Dataset, "dataset", recipe.data.name)
 
 
@@ -116,7 +131,7 @@ def build_components(
 
     Sampling a trained model needs no data: given ``latent_shape`` and ``num_classes``
     (stored with every checkpoint), the dataset is not built (``dataset``/``data_shape``
-    are then None).
+    are then None). The model is built on first use of ``Components.model``.
     """
     autoencoder = build_autoencoder(recipe)
     objective = objectives.build(recipe.objective.name, **recipe.objective.args)
@@ -128,8 +143,7 @@ def build_components(
         num_classes = int(dataset.num_classes)
     if recipe.model.num_classes is not None:
         num_classes = recipe.model.num_classes
-    model = build_model(recipe, tuple(latent_shape), num_classes, objective)
-    parts = Components(recipe, dataset, autoencoder, objective, model, data_shape, tuple(latent_shape), num_classes)
+    parts = Components(recipe, dataset, autoencoder, objective, data_shape, tuple(latent_shape), num_classes)
     sample_shape = dataset.sample_shape if data_shape is not None else None
     if sample_shape is not None and tuple(sample_shape) != data_shape:
         parts.sample_data_shape = tuple(sample_shape)
@@ -147,16 +161,21 @@ def build_metric(spec: str | dict[str, Any]):
 
 
 def reference_dataset(recipe: Recipe) -> Dataset:
-    """Held-out data for metrics: the recipe's dataset built for ``split="test"``."""
-    return build_dataset(recipe, split="test")
+    """Held-out data for metrics: the recipe's dataset for ``split="test"``, not augmented."""
+    return build_dataset(recipe, split="test", augment=False)
 
 
 def load_for_sampling(
     path: str | Path, recipe: str | Path | None = None, overrides: list[str] | None = None, use_ema: bool | None = None
 ):
-    """(recipe, components, model) for a run dir, a checkpoint dir or a ditx model dir."""
-    from safetensors.torch import load_file
+    """(recipe, components, model) for a run dir, a checkpoint dir or a ditx model dir.
 
+    A run samples its newest intact checkpoint with its own ``config.yaml``; a checkpoint
+    of a run, the same; a model directory (a converted model, or a checkpoint's ``ema/``)
+    needs ``recipe`` to say how to sample and decode. The model is rebuilt from the model
+    directory's ``config.json`` (on the meta device, then given the weights); the files read
+    are verified against the checkpoint's manifest as they are read.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (expected a run directory, a checkpoint or a model directory)")
@@ -164,20 +183,12 @@ def load_for_sampling(
         run, checkpoint = path, None
     elif (path / ckpt.MANIFEST_NAME).is_file():  # a checkpoint of a run
         run, checkpoint = path.parent.parent, path
-    elif (path / "config.json").is_file():  # a ditx model (e.g. a converted official DiT)
+    elif (path / ckpt.CONFIG_NAME).is_file():  # a ditx model (a converted official DiT, a checkpoint's ema/)
         if recipe is None:
             raise ValueError(f"{path} is a model directory: pass --recipe to say how to sample and decode it")
         r = load_recipe(recipe, overrides)
-        config = ckpt.read_model_config(path)
-        model = ckpt.load_model(path)
-        shape = (config.get("metadata") or {}).get("latent_shape")
-        parts = build_components(
-            r, latent_shape=tuple(shape) if shape else None, num_classes=config.get("num_classes")
-        )  # without a stored latent shape, the recipe's data tells it
-        _check_same_architecture(parts.model, model, path)
-        parts.model = model
-        _resize(parts, (config.get("metadata") or {}).get("data_shape"))
-        return r, parts, model
+        parts = _with_model(r, path, None, check=True)
+        return r, parts, parts.model
     else:
         raise FileNotFoundError(f"{path} is not a ditx run, checkpoint or model directory")
     r = load_recipe(recipe or run / "config.yaml", overrides)
@@ -185,7 +196,8 @@ def load_for_sampling(
         r.name = run.name
         resolve_run_paths(r, run)
     use_ema = r.sample.use_ema if use_ema is None else use_ema
-    read = ("trainer_state.json", "ema.safetensors" if use_ema else "model.safetensors")
+    model_dir = f"{ckpt.EMA_DIR}/"  # the EMA's config describes the trained weights too
+    read = (model_dir + ckpt.CONFIG_NAME, model_dir + ckpt.WEIGHTS_NAME if use_ema else "model.safetensors")
     if checkpoint is None:
         checkpoint = ckpt.find_resumable(run / "checkpoints", files=read)
         if checkpoint is None:
@@ -194,13 +206,28 @@ def load_for_sampling(
         problem = ckpt.verify_checkpoint(checkpoint, files=read)
         if problem:
             raise ckpt.CheckpointError(f"checkpoint {checkpoint} is not usable: {problem}")
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    shape = state.get("latent_shape")  # absent in checkpoints of older runs: then the data tells
-    parts = build_components(r, latent_shape=tuple(shape) if shape else None, num_classes=state.get("num_classes"))
-    parts.model.load_state_dict(load_file(str(checkpoint / read[1])))
+    weights = None if use_ema else checkpoint / "model.safetensors"
+    parts = _with_model(r, checkpoint / ckpt.EMA_DIR, weights, check=recipe is not None)
     parts.source = checkpoint
-    _resize(parts, state.get("data_shape"))
     return r, parts, parts.model
+
+
+def _with_model(recipe: Recipe, model_dir: Path, weights: Path | None, check: bool) -> Components:
+    """The recipe's components (no dataset when the model records its latent shape) with the
+    model of ``model_dir``; ``check``: the recipe must describe the same architecture."""
+    config = ckpt.read_model_config(model_dir)
+    metadata = config.get("metadata") or {}
+    shape = metadata.get("latent_shape")  # without it (an official DiT), the recipe's data tells
+    latent_shape = tuple(shape) if shape else None
+    parts = build_components(recipe, latent_shape=latent_shape, num_classes=config.get("num_classes"))
+    model = ckpt.load_model(model_dir, weights=weights, attention_backend=recipe.model.attention_backend)
+    if check:
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialized for real
+            expected = build_model(recipe, parts.latent_shape, parts.num_classes, parts.objective)
+        _check_same_architecture(expected, model, model_dir)
+    parts.model = model
+    _resize(parts, metadata.get("data_shape"))
+    return parts
 
 
 RUN = "${run}"  # in a run's config.yaml: the run folder itself, wherever it has moved

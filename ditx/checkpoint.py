@@ -7,9 +7,13 @@ A ditx model checkpoint is a directory::
       model.safetensors  # its state dict
 
 written with ``ditx.files.atomic_write``: a crash or bad input never leaves half a
-checkpoint. A training checkpoint ``RUN/checkpoints/step_N/`` holds model, EMA,
-optimizer, schedulers, RNG states and ``trainer_state.json``, with ``manifest.json``
-(size and SHA-256 of every file) written last. Official DiT weights: ``ditx.official``.
+checkpoint. A training checkpoint ``RUN/checkpoints/step_N/`` holds its EMA weights as
+such a model directory (``ema/``, whose ``metadata`` gives the shapes it generates and its
+class count), the trained weights (``model.safetensors``, same keys), optimizer, schedulers,
+RNG states and ``trainer_state.json``, with ``manifest.json`` (size and SHA-256 of every
+file) written last. So ``load_model(RUN/checkpoints/step_N/ema)`` and
+``ditx sample RUN/checkpoints/step_N/ema --recipe R`` need nothing else of the run.
+Official DiT weights: ``ditx.official``.
 """
 
 from __future__ import annotations
@@ -78,11 +82,20 @@ def save_model(
     ``build_dit``, have one). ``metadata`` (JSON-able) is stored in ``config.json``
     under ``"metadata"``, e.g. the latent input size. Returns the output path.
     """
-    from safetensors.torch import save_file
 
+
+    text = _config_text(model, metadata)  # fails here, before anything is written
+    out_dir = Path(out_dir)
+    with atomic_write(out_dir, directory=True, overwrite=overwrite) as tmp:
+        _write_model_files(tmp, text, model.state_dict())
+    return out_dir
+
+
+def _config_text(model: DiT, metadata: Mapping[str, Any] | None) -> str:
+    """``config.json`` of ``model``: its constructor config, the format and ``metadata``."""
     import ditx
 
-    config = getattr(model, "config", None)
+    config = model.config
     if not config:
         raise CheckpointError(
             "this model has no config (it was built from a tokenizer instance); only models built from a "
@@ -94,15 +107,19 @@ def save_model(
     document = dict(config, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION, ditx_version=ditx.__version__)
     if metadata:
         document["metadata"] = dict(metadata)
-    text = json.dumps(document, indent=2, sort_keys=True) + "\n"  # fails here, before anything is written
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    out_dir = Path(out_dir)
-    with atomic_write(out_dir, directory=True, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(text)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        # safetensors may create its file private (0600); give it the permissions of config.json (umask)
-        os.chmod(tmp / WEIGHTS_NAME, (tmp / CONFIG_NAME).stat().st_mode & 0o777)
-    return out_dir
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def _write_model_files(folder: Path, config_text: str, state: Mapping[str, Tensor]) -> None:
+    """A model directory's two files in ``folder`` (which the caller renames into place)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(config_text)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # safetensors may create its file private (0600); give it the permissions of config.json (umask)
+    os.chmod(folder / WEIGHTS_NAME, (folder / CONFIG_NAME).stat().st_mode & 0o777)
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -140,16 +157,26 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def load_model(path: str | os.PathLike) -> DiT:
-    """Rebuild a ``DiT`` from a checkpoint directory written by ``save_model`` (on CPU, in eval mode)."""
+def load_model(
+    path: str | os.PathLike, weights: str | os.PathLike | None = None, attention_backend: str | None = None
+) -> DiT:
+    """Rebuild a ``DiT`` from a model directory written by ``save_model`` (on CPU, in eval mode).
+
+    The model is built on the meta device and gets its storage from the weights, so no
+    time goes into a random initialization. ``weights`` loads another safetensors file
+    of the same model instead (a training checkpoint's ``model.safetensors`` beside its ``ema/``);
+    ``attention_backend`` replaces the recorded one (a setting of the machine, not of the weights).
+    """
     path = Path(path)
     document = read_model_config(path)
     config = {k: v for k, v in document.items() if k not in _FILE_KEYS}
+    if attention_backend is not None:
+        config["attention_backend"] = attention_backend
     try:
         model = _build_for_loading(lambda: DiT(**config))
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot build the model described by {path / CONFIG_NAME}: {e}") from None
-    weights_path = path / WEIGHTS_NAME
+    weights_path = Path(weights) if weights is not None else path / WEIGHTS_NAME
     if not weights_path.is_file():
         raise CheckpointError(f"{path} is incomplete: {weights_path} is missing")
     state_dict = _read_safetensors(weights_path)
@@ -162,6 +189,7 @@ def load_model(path: str | os.PathLike) -> DiT:
 # ---------------------------------------------------------------------------------------
 
 MANIFEST_NAME = "manifest.json"
+EMA_DIR = "ema"  # a training checkpoint's EMA weights, as a model directory
 _STEP_DIR = "step_{:08d}"
 
 
@@ -235,13 +263,16 @@ def save_training_state(
     scheduler: Any,
     extra: Mapping[str, Any] | None = None,
     keep: int = 3,
+    model_metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step_XXXXXXXX`` atomically on the main process; returns its path.
 
-    Holds model, EMA (safetensors), optimizer (tensors in safetensors, the rest JSON),
-    LR scheduler, grad scaler, every process's RNG states and ``trainer_state.json``;
-    ``manifest.json`` (sizes and SHA-256 of every file) is written last and is what
-    makes a checkpoint complete. Keeps the newest ``keep`` checkpoints (0 keeps all).
+    Holds the EMA as a model directory ``ema/`` (``config.json`` with ``model_metadata``,
+    e.g. the shapes it generates, + ``model.safetensors``), the model (safetensors),
+    optimizer (tensors in safetensors, the rest JSON), LR scheduler, grad scaler, every
+    process's RNG states and ``trainer_state.json``; ``manifest.json`` (sizes and SHA-256
+    of every file) is written last and is what makes a checkpoint complete. Keeps the
+    newest ``keep`` checkpoints (0 keeps all).
     """
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
@@ -265,14 +296,14 @@ def save_training_state(
                 f"{' ...' if len(bad) > 3 else ''} are not finite; the checkpoints written before are kept"
             )
     if accelerator.is_main_process:
+        config_text = _config_text(ema.model, model_metadata)
         opt_tensors, opt_rest = _split_optimizer_state(optim_state)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         trainer = {"step": step, "format": "ditx-train-state", **(extra or {})}
         with atomic_write(target, directory=True) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
             pause_point(f"checkpoint:{step}")  # tests kill the process here, mid-write
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                      str(tmp / "ema.safetensors"))  # fmt: skip
+            _write_model_files(tmp / EMA_DIR, config_text, ema.state_dict())
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
@@ -281,7 +312,8 @@ def save_training_state(
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng_{rank}.safetensors"))
                 (tmp / f"rng_{rank}.json").write_text(json.dumps(rest))
             (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=2))
-            files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
+            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}  # fmt: skip
             (tmp / MANIFEST_NAME).write_text(json.dumps({"step": step, "files": files}, indent=2))
         if keep > 0:
             for old in list_checkpoints(root)[:-keep]:
@@ -378,7 +410,7 @@ def load_training_state(
         set_model_state_dict(model, weights, options=_full_state_options(strict=True))
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"weights from {path / 'model.safetensors'} do not fit the model: {e}") from None
-    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    ema.load_state_dict(load_file(str(path / EMA_DIR / WEIGHTS_NAME)))
     opt = _join_optimizer_state(load_file(str(path / "optimizer.safetensors")),
                                 json.loads((path / "optimizer.json").read_text()))  # fmt: skip
     set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), opt, options=_full_state_options())

@@ -238,9 +238,9 @@ def run_train(args: argparse.Namespace) -> int:
     if "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):  # `ditx train key=value ...`
         args.overrides, args.recipe = [args.recipe, *args.overrides], DEFAULT_RECIPE
     recipe = _load_recipe(args.recipe, args.overrides)  # bad config fails before the trainer imports
-    from ditx.train import train
+    from ditx.pipeline import train_recipe
 
-    run_dir = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
+    run_dir = train_recipe(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
     print(run_dir)
     return 0
 

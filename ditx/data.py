@@ -19,14 +19,16 @@ class Dataset(TorchDataset):
     """The dataset contract: what the core asks of a recipe's data, and nothing more.
 
     A dataset registered in ``ditx.registry.datasets`` is a subclass of this class. Its
-    factory is called with the recipe's ``data`` arguments and two more, always:
+    factory is called with the recipe's ``data`` arguments and three more, always:
 
-    - ``split``: ``"train"`` for training (random augmentation allowed) or ``"test"`` for
-      the metrics' reference: held-out items when the dataset has them, else its items,
-      never augmented at random. A dataset may accept more splits (e.g. ``"all"``).
+    - ``split``: the recipe's ``data.split``, default ``"train"``; ``"test"`` for the
+      metrics' reference: held-out items when the dataset has them, else its items. A
+      dataset may accept more splits (e.g. ``"all"``).
     - ``seed``: the recipe's ``train.seed``, for augmentation drawn from
       ``(seed, epoch, index)`` (see :func:`deterministic_choice`), unless the recipe's
       ``data`` section sets its own.
+    - ``augment``: False for the metrics' reference, whose items must not change at
+      random (no flips); True otherwise, where the recipe's settings decide.
 
     Items are dicts: ``"x"`` (a tensor of ``data_shape``), ``"y"`` (an int class label,
     present in every item when ``num_classes > 0``, absent otherwise), and any other

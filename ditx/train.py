@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ditx.build import build_components, run_relative
+from ditx.build import build_components
 from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.files import atomic_write, pause_point
 from ditx.recipe import Recipe
@@ -150,36 +150,6 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def _first_stage(recipe: Recipe, run_dir: Path, accelerator: Any) -> None:
-    """Two-stage recipes (``autoencoder_train.first_stage``): train the autoencoder into
-    ``<run>/autoencoder`` unless it is there (a resumed run) or the recipe names weights,
-    and point the recipe (and the run's config.yaml) at it."""
-    from ditx.train_autoencoder import train_autoencoder
-
-    if not recipe.autoencoder_train.first_stage or recipe.autoencoder.args.get("pretrained"):
-        return
-    out = run_dir / "autoencoder"
-    if accelerator.is_main_process and not out.exists():
-        logger.info("stage 1: training the autoencoder into %s", out)
-        train_autoencoder(recipe, out=out)
-    accelerator.wait_for_everyone()
-    recipe.autoencoder.args["pretrained"] = str(out)
-    recipe.autoencoder.args.pop("config", None)
-    if recipe.autoencoder_train.cache_latents:
-        from ditx.cache import cache_latents
-
-        if not recipe.train.latent_cache:
-            recipe.train.latent_cache = str(run_dir / "latents")
-        if accelerator.is_main_process:
-            logger.info("encoding the dataset once into %s", recipe.train.latent_cache)
-            cache_latents(recipe)  # resumable; returns at once when complete
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # paths inside the run written relative to it (${run}/...)
-        with atomic_write(run_dir / "config.yaml") as tmp:
-            tmp.write_text(run_relative(recipe, run_dir).to_yaml())
-    logger.info("stage 2: training the DiT on the latents of %s", out)
-
-
 def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A new run never writes into a folder holding an earlier one (unless ``overwrite``)."""
     from ditx import checkpoint as ckpt
@@ -191,225 +161,306 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
                         instead=f"continue it with --resume (--run-dir {run_dir} --resume)")  # fmt: skip
 
 
+class Trainer:
+    """One training run of a recipe's DiT, as named steps (torchtune's recipe shape)::
+
+        trainer = Trainer(recipe, run_dir, resume=False, overwrite=False)  # the run folder, claimed
+        trainer.run()  # setup() (components, optimizer, resumed state), then train_step() per
+                       # micro-batch; after each optimizer step: log(), save(), preview()
+
+    The constructor only chooses and claims the run folder (every process agrees on it) and
+    writes ``config.yaml``, so what must happen before the model is built (a two-stage
+    recipe's autoencoder and latent cache: ``ditx.pipeline``) can use ``run_dir`` and
+    ``accelerator``. A recipe whose first stage has not run is refused by ``setup``.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False):  # fmt: skip
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, broadcast_object_list
+
+        cfg = recipe.train
+        if resume and overwrite:
+            raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+        self.recipe, self.cfg, self.resume = recipe, cfg, resume
+        self.accelerator = accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # CPU-only: several processes talk through gloo
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
+        )
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.micro_global = cfg.batch_size // cfg.grad_accum
+        if cfg.batch_size % (cfg.grad_accum * self.world):
+            raise ValueError(
+                f"train.batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x "
+                f"processes ({self.world}); it is the global batch per optimizer step"
+            )
+        self.local = self.micro_global // self.world
+
+        # one run directory, chosen on the main process
+        if run_dir is None and resume:
+            run_dir = latest_run_dir(recipe)
+            if run_dir is None:
+                raise FileNotFoundError(f"--resume: no earlier run of {recipe.name!r} in {cfg.output_dir!r}")
+        chosen = [str(run_dir or new_run_dir(recipe))]
+        if self.world > 1:
+            broadcast_object_list(chosen)
+        self.run_dir = Path(chosen[0])
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.found = _resumable_checkpoint(self.ckpt_root) if resume else None  # before anything is written
+        if not resume:  # every process checks before anything is written, so all refuse alike
+            if accelerator.is_main_process or not overwrite:
+                _claim_run_dir(self.run_dir, overwrite)  # with overwrite, only the main process deletes
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(recipe.to_yaml())
+            _setup_file_logging(self.run_dir / "train.log")
+        accelerator.wait_for_everyone()
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Components (the model initialised alike on every process), EMA, optimizer and LR
+        schedule, wrapped by accelerate; the resumed state; the data."""
+        from ditx import checkpoint as ckpt
+        from ditx.latents import maybe_cached_dataset
+
+        recipe, cfg, accelerator = self.recipe, self.cfg, self.accelerator
+        if recipe.autoencoder_train.first_stage and not recipe.autoencoder.args.get("pretrained"):
+            raise ValueError(
+                f"{recipe.name or 'this recipe'} is a two-stage recipe (autoencoder_train.first_stage) whose "
+                f"autoencoder is not trained yet: run it with `ditx train` or ditx.pipeline.train_recipe"
+            )
+        torch.manual_seed(cfg.seed)  # model initialisation is the same on every process
+        self.parts = parts = build_components(recipe)
+        model = parts.model
+        self.dataset = maybe_cached_dataset(recipe, parts)  # latents from `ditx cache-latents` if present
+        self.cached = self.dataset is not parts.dataset
+        self.sampling = parts.for_sampling()  # shapes of what the model generates (previews, checkpoints)
+        self.objective, self.autoencoder = parts.objective, parts.autoencoder
+        self.autoencoder.to(accelerator.device)
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+        self.ema.model.to(accelerator.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
+        if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block
+            model.compile_blocks()
+        # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
+        # step it once per process, making warmup depend on the number of processes
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+
+        self.step, self.bad_samples = 0, 0
+        if self.resume:
+            state = ckpt.load_training_state(  # verified above, before anything was written
+                self.found, self.model, self.ema, self.optimizer, self.scheduler, accelerator.scaler, self.rank,
+                verify=False,
+            )  # fmt: skip
+            self.step, self.bad_samples = state["step"], state.get("bad_samples", 0)
+            if accelerator.is_main_process:
+                logger.info("resumed from %s at step %d", self.found, self.step)
+                for name in ckpt.remove_unfinished(self.ckpt_root):
+                    logger.info("removed %s, a checkpoint write that never finished", name)
+                _forget_logged_steps_after(self.run_dir / "metrics.jsonl", self.step)
+        accelerator.init_trackers(str(self.run_dir / "logs"), config=_flat_hparams(recipe))
+
+        self.data = SkipBadSamples(self.dataset)
+        self.per_epoch = GlobalBatchSampler(len(self.data), self.local, self.rank, self.world, cfg.seed, 0
+                                            ).batches_per_epoch()  # fmt: skip
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(self.data)} items, fewer than one global micro-batch of {self.micro_global}"
+            )
+        self.micro_step = self.step * cfg.grad_accum
+        self.last_good = self.found  # a new run folder holds no checkpoint; a resumed one, the one it resumed from
+        self.window: list[float] = []
+        self.tic = time.perf_counter()
+
+    def batches(self):
+        """Micro-batches of this process from the current position to the end of training,
+        epoch after epoch (each epoch: ``set_epoch``, one seeded permutation)."""
+        cfg = self.cfg
+        # cached latents are slices of tensors already in memory: worker processes would only add
+        # their start-up (every epoch) and the copies between processes
+        num_workers = 0 if self.cached else cfg.num_workers
+        while self.step < cfg.steps:
+            epoch, start = divmod(self.micro_step, self.per_epoch)
+            self.dataset.set_epoch(epoch)
+            sampler = GlobalBatchSampler(len(self.data), self.local, self.rank, self.world, cfg.seed, epoch, start)
+            yield from DataLoader(
+                self.data,
+                batch_sampler=sampler,
+                num_workers=num_workers,
+                collate_fn=collate_skipping_errors,
+                generator=torch.Generator().manual_seed(cfg.seed + epoch),  # workers never touch the global RNG
+            )
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _step_randomness(self) -> None:
+        """Noise, timesteps and label dropout for the whole global batch of this optimizer step,
+        drawn once; each micro-batch of each process takes its slice (independent of process count)."""
+        cfg = self.cfg
+        g = step_generator(cfg.seed, self.step)
+        self.noise_all = torch.randn(cfg.batch_size, *self.parts.latent_shape, generator=g)
+        self.t_all = self.objective.sample_t(cfg.batch_size, generator=g)
+        self.drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.class_dropout_prob
+
+    def _loss(self, batch: dict[str, Any], n: int) -> Tensor:
+        """The mean diffusion loss of this process's ``n`` items (a zero with gradients when none is readable)."""
+        cfg, device, model = self.cfg, self.accelerator.device, self.model
+        if not n:
+            return sum(p.sum() * 0.0 for p in model.parameters())
+        first = (self.micro_step % cfg.grad_accum) * self.micro_global + self.rank * self.local
+        sl = slice(first, first + n)
+        x = batch["x"].to(device)
+        with torch.no_grad():
+            z = x if self.cached else self.autoencoder.encode(x)
+        kwargs: dict[str, Any] = {}
+        y = None
+        if self.parts.num_classes > 0:
+            y = batch["y"].to(device)
+            kwargs["force_drop"] = self.drop_all[sl].to(device)
+        if "num_images" in batch:  # joint image-video training (Latte)
+            kwargs["num_images"] = int(batch["num_images"][0])
+        terms = self.objective.loss(model, z, y=y, model_kwargs=kwargs, noise=self.noise_all[sl].to(device),
+                                    t=self.t_all[sl].to(device))  # fmt: skip
+        return terms["loss"].mean()
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[float, Tensor | None]:
+        """One micro-batch: forward, the NaN/Inf and bad-sample checks, backward, and the
+        optimizer step when it completes one. Returns (the global mean loss, the gradient norm
+        when an optimizer step was taken)."""
+        cfg, accelerator, model, optimizer = self.cfg, self.accelerator, self.model, self.optimizer
+        for err in batch["errors"]:
+            logger.warning("skipping unreadable sample: %s", err)
+        x = batch.get("x")
+        n = 0 if x is None else len(x)
+        if self.micro_step % cfg.grad_accum == 0:
+            self._step_randomness()
+        grad_norm = None
+        with accelerator.accumulate(model):
+            loss = self._loss(batch, n)
+            # one all-reduce: the loss for the NaN check and logging, and bad-sample counts
+            stats = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device),
+                                 torch.tensor(float(len(batch["errors"])), device=loss.device)])  # fmt: skip
+            stats = accelerator.reduce(stats, reduction="sum")
+            self.bad_samples += int(stats[2].item())
+            if self.bad_samples > cfg.max_bad_samples:
+                raise DataBudgetError(
+                    f"{self.bad_samples} unreadable samples exceed train.max_bad_samples={cfg.max_bad_samples} "
+                    f"(see the warnings above for their paths); fix the data or raise the budget"
+                )
+            mean_loss = (stats[0] / stats[1].clamp(min=1)).item()
+            if not math.isfinite(mean_loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise _stopped(NonFiniteLossError, f"loss is {mean_loss}", self.step + 1,
+                               f"(micro-step {self.micro_step})", self.last_good)  # fmt: skip
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                # the global norm, the same on every process whatever wraps the model (DDP, FSDP);
+                # without clipping, max_norm=inf leaves the gradients as they are
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                # with fp16 the GradScaler skips a step whose gradients overflowed, as designed
+                if accelerator.scaler is None and not torch.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise _stopped(NonFiniteGradientError, f"gradient norm is {float(grad_norm)}", self.step + 1,
+                                   f"with a finite loss ({mean_loss:.4g})", self.last_good)  # fmt: skip
+            optimizer.step()  # a no-op until the last micro-batch of the step
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                self.scheduler.step()
+        self.micro_step += 1
+        self.window.append(mean_loss)
+        return mean_loss, grad_norm
+
+    # ---- after an optimizer step ----------------------------------------------------------
+
+    def log(self, grad_norm: Tensor | None) -> None:
+        """Mean loss, LR, samples/s (and the gradient norm) to TensorBoard and ``metrics.jsonl``."""
+        elapsed = time.perf_counter() - self.tic
+        logs = {"loss": sum(self.window) / len(self.window), "lr": self.scheduler.get_last_lr()[0],
+                "samples_per_s": len(self.window) * self.micro_global / max(elapsed, 1e-9)}  # fmt: skip
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        self.accelerator.log(logs, step=self.step)
+        self.progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        if self.accelerator.is_main_process:
+            _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **logs})
+        self.window, self.tic = [], time.perf_counter()
+
+    def save(self) -> Path:
+        """``checkpoints/step_N`` (see ``ditx.checkpoint.save_training_state``)."""
+        from ditx import checkpoint as ckpt
+
+        shapes = {"data_shape": list(self.sampling.data_shape), "latent_shape": list(self.sampling.latent_shape),
+                  "num_classes": self.parts.num_classes}  # fmt: skip
+        self.last_good = ckpt.save_training_state(
+            self.ckpt_root, self.step, self.accelerator, self.model, self.ema, self.optimizer, self.scheduler,
+            extra={"bad_samples": self.bad_samples, "micro_step": self.micro_step, "world_size": self.world,
+                   "batches_per_epoch": self.per_epoch, **shapes},
+            keep=self.cfg.keep_checkpoints, model_metadata=shapes,
+        )  # fmt: skip
+        return self.last_good
+
+    def preview(self) -> None:
+        """Samples of the EMA model as the modality's files, in ``samples/step_N``."""
+        from ditx.generation import write_previews
+
+        out = self.run_dir / "samples" / f"step_{self.step:08d}"
+        write_previews(self.sampling, self.ema.model, out, self.accelerator.device)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """``setup``, then train to ``train.steps``; returns the run folder."""
+        from tqdm.auto import tqdm
+
+        self.setup()
+        cfg, accelerator = self.cfg, self.accelerator
+        self.progress = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not accelerator.is_main_process)
+        self.model.train()
+        for batch in self.batches():
+            _, grad_norm = self.train_step(batch)
+            if not accelerator.sync_gradients:
+                continue
+            self.step += 1
+            self.ema.update(self.model, self.step)
+            self.progress.update(1)
+            last = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or last:
+                self.log(grad_norm)
+            if self.step % cfg.checkpoint_every == 0 or last:
+                self.save()
+            if accelerator.is_main_process and ((cfg.sample_every and self.step % cfg.sample_every == 0) or last):
+                self.preview()
+            pause_point(f"step:{self.step}")  # tests kill the process here, between steps
+            if self.step >= cfg.steps:
+                break
+        self.progress.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()  # also tears down the process group
+        return self.run_dir
+
+
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train ``recipe``; returns the run directory.
+    """Train ``recipe``'s DiT; returns the run directory (``Trainer(...).run()``).
 
     With ``resume=True`` the newest complete checkpoint in ``run_dir`` (default: the
     newest run of this recipe) is restored first; a corrupt newest checkpoint is
     skipped with a warning in favour of the previous one. Without it, a ``run_dir``
     that already holds files is refused before anything is written
     (:class:`ditx.files.OutputExistsError`), unless ``overwrite=True``, which says
-    what it deletes and starts the run afresh.
+    what it deletes and starts the run afresh. A two-stage recipe runs through
+    ``ditx.pipeline.train_recipe`` (what ``ditx train`` calls), which trains its
+    autoencoder first.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
-    from tqdm.auto import tqdm
-
-    from ditx import checkpoint as ckpt
-    from ditx.generation import write_previews
-    from ditx.latents import maybe_cached_dataset
-
-    cfg = recipe.train
-    if resume and overwrite:
-        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # CPU-only: several processes talk through gloo
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    micro_global = cfg.batch_size // cfg.grad_accum
-    if cfg.batch_size % (cfg.grad_accum * world):
-        raise ValueError(
-            f"train.batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x "
-            f"processes ({world}); it is the global batch per optimizer step"
-        )
-    local = micro_global // world
-
-    # one run directory, chosen on the main process
-    if run_dir is None and resume:
-        run_dir = latest_run_dir(recipe)
-        if run_dir is None:
-            raise FileNotFoundError(f"--resume: no earlier run of {recipe.name!r} in {cfg.output_dir!r}")
-    chosen = [str(run_dir or new_run_dir(recipe))]
-    if world > 1:
-        broadcast_object_list(chosen)
-    run_dir = Path(chosen[0])
-    ckpt_root = run_dir / "checkpoints"
-    found = _resumable_checkpoint(ckpt_root) if resume else None  # before anything is written
-    if not resume:  # every process checks before anything is written, so all refuse alike
-        if accelerator.is_main_process or not overwrite:
-            _claim_run_dir(run_dir, overwrite)  # with overwrite, only the main process deletes
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(run_dir / "config.yaml") as tmp:
-            tmp.write_text(recipe.to_yaml())
-        _setup_file_logging(run_dir / "train.log")
-    accelerator.wait_for_everyone()
-    _first_stage(recipe, run_dir, accelerator)
-
-    # components
-    torch.manual_seed(cfg.seed)  # model initialisation is the same on every process
-    parts = build_components(recipe)
-    dataset = maybe_cached_dataset(recipe, parts)  # latents from `ditx cache-latents` if present
-    cached = dataset is not parts.dataset
-    sampling = parts.for_sampling()  # shapes of what the model generates (previews, checkpoints)
-    model, objective, autoencoder = parts.model, parts.objective, parts.autoencoder
-    autoencoder.to(accelerator.device)
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-    ema.model.to(accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
-    if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block
-        model.compile_blocks() if hasattr(model, "compile_blocks") else model.compile()
-    # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
-    # step it once per process, making warmup depend on the number of processes
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    step = 0
-    bad_samples = 0
-    if resume:
-        state = ckpt.load_training_state(  # verified above, before anything was written
-            found, model, ema, optimizer, scheduler, accelerator.scaler, rank, verify=False
-        )
-        step, bad_samples = state["step"], state.get("bad_samples", 0)
-        if accelerator.is_main_process:
-            logger.info("resumed from %s at step %d", found, step)
-            for name in ckpt.remove_unfinished(ckpt_root):
-                logger.info("removed %s, a checkpoint write that never finished", name)
-            _forget_logged_steps_after(run_dir / "metrics.jsonl", step)
-    accelerator.init_trackers(str(run_dir / "logs"), config=_flat_hparams(recipe))
-
-    data = SkipBadSamples(dataset)
-    # cached latents are slices of tensors already in memory: worker processes would only add
-    # their start-up (every epoch) and the copies between processes
-    num_workers = 0 if cached else cfg.num_workers
-    per_epoch = GlobalBatchSampler(len(data), local, rank, world, cfg.seed, 0).batches_per_epoch()
-    if per_epoch == 0:
-        raise ValueError(f"the dataset has {len(data)} items, fewer than one global micro-batch of {micro_global}")
-    micro_step = step * cfg.grad_accum
-    progress = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    last_good = found  # a new run folder holds no checkpoint; a resumed one, the one it resumed from
-    window: list[float] = []
-    tic = time.perf_counter()
-    model.train()
-    while step < cfg.steps:
-        epoch, start = divmod(micro_step, per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = GlobalBatchSampler(len(data), local, rank, world, cfg.seed, epoch, start)
-        loader = DataLoader(
-            data,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            collate_fn=collate_skipping_errors,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),  # workers never touch the global RNG
-        )
-        for batch in loader:
-            for err in batch["errors"]:
-                logger.warning("skipping unreadable sample: %s", err)
-            x = batch.get("x")
-            n = 0 if x is None else len(x)
-            # diffusion randomness for the whole global batch of this optimizer step, drawn once;
-            # each micro-batch of each process takes its slice (independent of process count)
-            if micro_step % cfg.grad_accum == 0:
-                g = step_generator(cfg.seed, step)
-                noise_all = torch.randn(cfg.batch_size, *parts.latent_shape, generator=g)
-                t_all = objective.sample_t(cfg.batch_size, generator=g)
-                drop_all = torch.rand(cfg.batch_size, generator=g) < recipe.model.class_dropout_prob
-            first = (micro_step % cfg.grad_accum) * micro_global + rank * local
-            sl = slice(first, first + n)
-            with accelerator.accumulate(model):
-                if n:
-                    x = x.to(accelerator.device)
-                    with torch.no_grad():
-                        z = x if cached else autoencoder.encode(x)
-                    kwargs = {}
-                    y = None
-                    if parts.num_classes > 0:
-                        y = batch["y"].to(accelerator.device)
-                        kwargs["force_drop"] = drop_all[sl].to(accelerator.device)
-                    if "num_images" in batch:  # joint image-video training (Latte)
-                        kwargs["num_images"] = int(batch["num_images"][0])
-                    terms = objective.loss(
-                        model, z, y=y, model_kwargs=kwargs,
-                        noise=noise_all[sl].to(accelerator.device), t=t_all[sl].to(accelerator.device),
-                    )  # fmt: skip
-                    loss = terms["loss"].mean()
-                else:
-                    loss = sum(p.sum() * 0.0 for p in model.parameters())
-                # one all-reduce: the loss for the NaN check and logging, and bad-sample counts
-                stats = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device),
-                                     torch.tensor(float(len(batch["errors"])), device=loss.device)])  # fmt: skip
-                stats = accelerator.reduce(stats, reduction="sum")
-                bad_samples += int(stats[2].item())
-                if bad_samples > cfg.max_bad_samples:
-                    raise DataBudgetError(
-                        f"{bad_samples} unreadable samples exceed train.max_bad_samples={cfg.max_bad_samples} "
-                        f"(see the warnings above for their paths); fix the data or raise the budget"
-                    )
-                mean_loss = (stats[0] / stats[1].clamp(min=1)).item()
-                if not math.isfinite(mean_loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise _stopped(NonFiniteLossError, f"loss is {mean_loss}", step + 1,
-                                   f"(micro-step {micro_step})", last_good)  # fmt: skip
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    # the global norm, the same on every process whatever wraps the model (DDP, FSDP);
-                    # without clipping, max_norm=inf leaves the gradients as they are
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                    # with fp16 the GradScaler skips a step whose gradients overflowed, as designed
-                    if accelerator.scaler is None and not torch.isfinite(grad_norm):
-                        optimizer.zero_grad(set_to_none=True)
-                        raise _stopped(NonFiniteGradientError, f"gradient norm is {float(grad_norm)}", step + 1,
-                                       f"with a finite loss ({mean_loss:.4g})", last_good)  # fmt: skip
-                optimizer.step()  # a no-op until the last micro-batch of the step
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    scheduler.step()
-            micro_step += 1
-            window.append(mean_loss)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            ema.update(model, step)
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - tic
-                logs = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": len(window) * micro_global / max(elapsed, 1e-9)}  # fmt: skip
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=step)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}")
-                if accelerator.is_main_process:
-                    _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **logs})
-                window, tic = [], time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                path = ckpt.save_training_state(
-                    ckpt_root, step, accelerator, model, ema, optimizer, scheduler,
-                    extra={"bad_samples": bad_samples, "micro_step": micro_step, "world_size": world,
-                           "batches_per_epoch": per_epoch, "data_shape": list(sampling.data_shape),
-                           "latent_shape": list(sampling.latent_shape), "num_classes": parts.num_classes},
-                    keep=cfg.keep_checkpoints,
-                )  # fmt: skip
-                last_good = path
-            if accelerator.is_main_process and (
-                (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
-            ):
-                write_previews(sampling, ema.model, run_dir / "samples" / f"step_{step:08d}", accelerator.device)
-            pause_point(f"step:{step}")  # tests kill the process here, between steps
-            if step >= cfg.steps:
-                break
-    progress.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # also tears down the process group
-    return run_dir
+    return Trainer(recipe, run_dir, resume=resume, overwrite=overwrite).run()
 
 
 def _flat_hparams(recipe: Recipe) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def tiny(tmp_path) -> Path:
 
 @pytest.fixture
 def job(monkeypatch):
-    """``job("ditx.train", "train", returns=...)`` puts a recording stand-in module in place."""
+    """``job("ditx.pipeline", "train_recipe", returns=...)`` puts a recording stand-in module in place."""
 
     def install(module: str, function: str, returns=None, raises: BaseException | None = None) -> list:
         calls = []
@@ -139,7 +139,7 @@ def test_unknown_recipe_is_a_one_line_error(capsys):
 
 
 def test_positional_that_is_not_an_override_is_a_one_line_error(tiny, job, capsys):
-    calls = job("ditx.train", "train")
+    calls = job("ditx.pipeline", "train_recipe")
     assert main(["train", str(tiny), "runs/other"]) == 2
     err = one_line_error(capsys, "ditx train")
     assert "'runs/other'" in err and "section.key=value" in err
@@ -173,7 +173,7 @@ def test_unknown_option_is_a_usage_error(tiny, capsys):
 
 
 def test_train_loads_the_recipe_and_passes_run_dir_and_resume(tiny, tmp_path, job, capsys):
-    calls = job("ditx.train", "train", returns=tmp_path / "run")
+    calls = job("ditx.pipeline", "train_recipe", returns=tmp_path / "run")
     argv = ["train", str(tiny), "train.batch_size=8", "--run-dir", str(tmp_path / "run"), "--resume", "train.steps=5"]
     assert main(argv) == 0
     [(args, kwargs)] = calls
@@ -185,7 +185,7 @@ def test_train_loads_the_recipe_and_passes_run_dir_and_resume(tiny, tmp_path, jo
 
 
 def test_train_defaults(tiny, job):
-    calls = job("ditx.train", "train", returns=Path("runs/tiny-1"))
+    calls = job("ditx.pipeline", "train_recipe", returns=Path("runs/tiny-1"))
     assert main(["train", str(tiny)]) == 0
     [(args, kwargs)] = calls
     assert args[0].train.batch_size == 4
@@ -193,13 +193,13 @@ def test_train_defaults(tiny, job):
 
 
 def test_train_error_is_a_one_line_message(tiny, job, capsys):
-    job("ditx.train", "train", raises=ValueError("train.batch_size=3 must be divisible by 2\nsecond line"))
+    job("ditx.pipeline", "train_recipe", raises=ValueError("train.batch_size=3 must be divisible by 2\nsecond line"))
     assert main(["train", str(tiny)]) == 2
     assert one_line_error(capsys, "ditx train").endswith("divisible by 2 second line")
 
 
 def test_interrupted_training_says_how_to_resume(tiny, job, capsys):
-    job("ditx.train", "train", raises=KeyboardInterrupt())
+    job("ditx.pipeline", "train_recipe", raises=KeyboardInterrupt())
     assert main(["train", str(tiny), "train.steps=5", "--run-dir", "runs/x"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
@@ -273,7 +273,7 @@ def test_cache_latents_loads_the_recipe_and_passes_out(tiny, tmp_path, job, caps
 @pytest.mark.parametrize(
     "module, function, args, kwargs",
     [
-        ("ditx.train", "train", ["recipe"], {"run_dir": None, "resume": False, "overwrite": False}),
+        ("ditx.pipeline", "train_recipe", ["recipe"], {"run_dir": None, "resume": False, "overwrite": False}),
         ("ditx.sample", "sample_from", ["run"],
          {"num": None, "out": None, "recipe": None, "overrides": [], "overwrite": False}),
         ("ditx.evaluate", "evaluate_run", ["run"], {"overrides": [], "out": None}),

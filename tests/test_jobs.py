@@ -14,6 +14,7 @@ from ditx.checkpoint import save_model
 from ditx.evaluate import evaluate_run
 from ditx.files import OutputExistsError
 from ditx.generation import generate
+from ditx.pipeline import train_recipe
 from ditx.sample import sample_from
 from ditx.train import train
 
@@ -152,10 +153,10 @@ def test_sampling_and_eval_hash_only_the_files_they_read(tiny_run, tmp_path, mon
     real = ckpt.file_sha256
     monkeypatch.setattr(ckpt, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
     sample_from(tiny_run, num=2, out=tmp_path / "s")
-    assert sorted(hashed) == ["ema.safetensors", "trainer_state.json"]
+    assert sorted(hashed) == ["config.json", "model.safetensors"]  # ema/: the model directory read
     hashed.clear()
     evaluate_run(tiny_run, overrides=["eval.num_samples=10", "eval.batch_size=10"])
-    assert sorted(hashed) == ["ema.safetensors", "trainer_state.json"]
+    assert sorted(hashed) == ["config.json", "model.safetensors"]  # ema/: the model directory read
     # a corrupt optimizer state does not stop sampling from that checkpoint (it is not read) ...
     newest = tiny_run / "checkpoints" / "step_00000002"
     data = bytearray((newest / "optimizer.safetensors").read_bytes())
@@ -180,7 +181,7 @@ def test_a_moved_two_stage_run_samples_and_evaluates_from_anywhere(tiny_recipe, 
         train={"steps": 2},
         eval={"metrics": ["digits"], "num_samples": 20, "batch_size": 20},
     )
-    run = train(recipe, run_dir=tmp_path / "a" / "run")
+    run = train_recipe(recipe, run_dir=tmp_path / "a" / "run")
     assert "${run}/autoencoder" in (run / "config.yaml").read_text()
     moved = tmp_path / "elsewhere" / "copy"
     shutil.move(str(run), str(moved))

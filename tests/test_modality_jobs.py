@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from ditx.evaluate import evaluate_run
+from ditx.pipeline import train_recipe as train
 from ditx.recipe import recipe_from_dict
 from ditx.sample import sample_from
-from ditx.train import train
 
 
 def tiny(tmp_path, modality, data, tokenizer, **sections):

@@ -24,7 +24,11 @@ from ditx.train import DataBudgetError, NonFiniteGradientError, NonFiniteLossErr
 
 def final_weights(run: Path, name="model") -> dict[str, torch.Tensor]:
     last = ckpt.list_checkpoints(run / "checkpoints")[-1]
-    return load_file(str(last / f"{name}.safetensors"))
+    return load_file(str(last / "ema" / "model.safetensors" if name == "ema" else last / f"{name}.safetensors"))
+
+
+def state_shape(checkpoint: Path) -> list[int]:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["latent_shape"]
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -56,8 +60,12 @@ def test_checkpoint_holds_everything_to_resume(tiny_recipe, tmp_path):
     run = train(tiny_recipe(train={"steps": 2}), run_dir=tmp_path / "run")
     last = ckpt.list_checkpoints(run / "checkpoints")[-1]
     names = {p.name for p in last.iterdir()}
-    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+    assert {"model.safetensors", "ema", "optimizer.safetensors", "optimizer.json", "scheduler.json",
             "scaler.json", "rng_0.safetensors", "rng_0.json", "trainer_state.json", "manifest.json"} <= names
+    # the EMA is a model directory of its own: loadable without the run's config
+    ema = ckpt.load_model(last / "ema")
+    assert_same_weights(ema.state_dict(), final_weights(run, "ema"))
+    assert ckpt.read_model_config(last / "ema")["metadata"]["latent_shape"] == state_shape(last)
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["micro_step"] == 2
     opt = load_file(str(last / "optimizer.safetensors"))
@@ -178,7 +186,7 @@ def test_all_checkpoints_corrupt_is_an_error_naming_each_and_deleting_nothing(ti
 class _Flaky(Dataset):
     """Digits whose items misbehave: NaN images from some epoch on, or unreadable files."""
 
-    def __init__(self, nan_from_epoch=None, broken=(), size=8, seed=0, split="train"):
+    def __init__(self, nan_from_epoch=None, broken=(), size=8, seed=0, split="train", augment=True):
         from modalities.image.data import DigitsDataset
 
         self.base = DigitsDataset(size=size)

@@ -23,13 +23,14 @@ class DigitsDataset(Dataset):
 
     Items are ``{"x": (channels, size, size) in [-1, 1], "y": label}``. ``split``
     chooses a fixed, stratified 80/20 partition (``train``/``test``) or ``all``; ``flip``
-    (random horizontal flips) applies to training splits, never to ``test``.
+    (random horizontal flips) applies unless ``augment`` is false (the metrics' reference).
     No download: the data ships inside scikit-learn.
     """
 
     num_classes = 10
 
-    def __init__(self, size: int = 16, channels: int = 1, split: str = "train", flip: bool = False, seed: int = 0):
+    def __init__(self, size: int = 16, channels: int = 1, split: str = "train", flip: bool = False, seed: int = 0,
+                 augment: bool = True):  # fmt: skip
         from sklearn.datasets import load_digits
 
         if split not in ("train", "test", "all"):
@@ -51,7 +52,7 @@ class DigitsDataset(Dataset):
         self.images = (x.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()  # (N, C, S, S)
         self.labels = labels
         self.split = split
-        self.flip = flip and split != "test"  # the metrics' reference is never augmented
+        self.flip = flip and augment  # the metrics' reference (augment=False) is never flipped
         self.seed = seed
         self.epoch = 0
         self.data_shape = tuple(self.images.shape[1:])
@@ -137,7 +138,7 @@ class ImageFolderDataset(Dataset):
     DataLoader workers); EXIF orientation is applied; grey, RGBA and palette images become
     RGB. A file that cannot be decoded raises ``OSError`` naming its path, which the
     trainer logs and skips within ``train.max_bad_samples``. The folder has no held-out
-    part: ``split="test"`` (the metrics' reference) is the same images, never flipped;
+    part: ``split="test"`` (the metrics' reference) is the same images (never flipped there);
     evaluate against another folder with ``ditx eval RUN data.root=<held-out folder>``.
     """
 
@@ -150,6 +151,7 @@ class ImageFolderDataset(Dataset):
         class_folders: bool | None = None,
         extensions: list[str] | tuple[str, ...] = IMAGE_EXTENSIONS,
         split: str = "train",
+        augment: bool = True,
     ):
         if split not in SPLITS:
             raise ValueError(f"image-folder split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -164,7 +166,7 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image-folder root {str(self.root)!r} is not a directory (set data.root=...)")
         self.size, self.seed, self.extensions, self.split = size, seed, exts, split
-        self.flip = flip and split != "test"  # the metrics' reference is never augmented
+        self.flip = flip and augment  # the metrics' reference (augment=False) is never flipped
         self.epoch = 0
 
         files, labels, self.classes = self._scan(class_folders)

@@ -85,6 +85,7 @@ class ShapeFolderDataset(Dataset):
         class_folders: bool | None = None,
         extensions: Sequence[str] = MESH_EXTENSIONS,
         uniform_points: int = 4096,
+        augment: bool = True,
     ):
         if split not in ("train", "test", "all"):
             raise ValueError(f"shape-folder split must be 'train', 'test' or 'all', got {split!r}")

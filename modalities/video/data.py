@@ -396,8 +396,8 @@ class VideoFolderDataset(Dataset):
     ``"caption"`` when every manifest row has one). A clip is every ``frame_stride``-th
     frame from a start frame; ``split="train"`` draws the start with
     ``deterministic_choice(seed, epoch, index, n)``, the same in every worker, process
-    and resumed run; ``"test"``/``"eval"`` take the centred clip (``"test"``, the metrics'
-    reference, is never flipped). Frames are resized so
+    and resumed run; ``"test"``/``"eval"`` take the centred clip. ``augment=False`` (the
+    metrics' reference) turns ``flip`` off. Frames are resized so
     the short side is ``size`` (antialiased bilinear) and centre-cropped; with ``flip``
     the clip is mirrored when ``deterministic_choice(seed, epoch, ~index)`` says so
     (another key than the start's, so the two are independent). ``decode_size`` makes
@@ -440,6 +440,7 @@ class VideoFolderDataset(Dataset):
         decode_size: int | None = None,
         cache_dir: str | None = None,
         image_frames: int = 0,
+        augment: bool = True,
     ):
         name = self.registered_name
         for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
@@ -459,7 +460,7 @@ class VideoFolderDataset(Dataset):
             raise ValueError(f"{name} extensions must name at least one file type, got {extensions!r}")
         self.root = Path(root).expanduser().absolute()  # absolute paths in errors, whatever the cwd
         self.num_frames, self.frame_stride, self.size = num_frames, frame_stride, size
-        self.flip = flip and split != "test"  # the metrics' reference is never augmented
+        self.flip = flip and augment  # the metrics' reference (augment=False) is never flipped
         self.short_policy, self.split, self.seed, self.extensions = short_policy, split, seed, exts
         self.decode_size = decode_size
         if isinstance(image_frames, bool) or not isinstance(image_frames, int) or image_frames < 0:

@@ -204,6 +204,7 @@ class MovingDigitsDataset(VideoFolderDataset):
         data_seed: int = 0,
         cache_dir: str | None = None,
         image_frames: int = 0,
+        augment: bool = True,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"moving-digits split must be 'train' or 'test', got {split!r}")
@@ -222,7 +223,7 @@ class MovingDigitsDataset(VideoFolderDataset):
         super().__init__(
             str(folder / split), num_frames=num_frames, frame_stride=frame_stride, size=size, flip=flip,
             short_policy="loop", split=split, seed=seed, class_folders=True, extensions=("mp4",), cache_dir=cache_dir,
-            image_frames=image_frames,
+            image_frames=image_frames, augment=augment,
         )  # fmt: skip
         if self.classes != [str(d) for d in range(10)]:
             raise ValueError(

@@ -42,7 +42,7 @@ class SineWaves(Dataset):
     [0.5, 0.9], plus a little Gaussian noise; ``split`` ``train`` or ``test`` (other seeds)."""
 
     def __init__(self, length: int = 64, num_classes: int = 4, num_items: int = 512, split: str = "train",
-                 noise: float = 0.02, seed: int = 0):  # fmt: skip
+                 noise: float = 0.02, seed: int = 0, augment: bool = True):  # fmt: skip
         if split not in ("train", "test"):
             raise ValueError(f"sine-waves split must be 'train' or 'test', got {split!r}")
         if length < 4 * class_frequency(num_classes - 1):
