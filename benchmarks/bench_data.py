@@ -141,7 +141,7 @@ def write_clips(folder: Path, s: Sizes) -> list[Path]:
 def resize_crop(frames: list[np.ndarray], size: int) -> Tensor:
     """uint8 (H, W, 3) frames -> (3, T, size, size) in [-1, 1] with ditx's own resize and crop, so
     the readers differ only in how they decode."""
-    from modalities.video.data import resize_center_crop
+    from ditx.modalities.video.data import resize_center_crop
 
     return resize_center_crop(np.stack(frames), size)
 
@@ -178,9 +178,8 @@ def pyav_frames(path: str, indices: list[int], seek: bool) -> list[np.ndarray]:
 
 
 def bench_clips(root: Path, s: Sizes) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ditx.modalities.video.data import VideoFolderDataset
     from torch.utils.data import ConcatDataset, DataLoader
-
-    from modalities.video.data import VideoFolderDataset
 
     tic = time.perf_counter()
     write_clips(root / "clips", s)

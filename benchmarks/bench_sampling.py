@@ -159,8 +159,7 @@ class Candidates:
 
     def __init__(self, depth: int | None):
         from diffusers import DDIMScheduler, DiTPipeline
-
-        from modalities.image.autoencoder import SDVAE
+        from ditx.modalities.image.autoencoder import SDVAE
 
         self.model = make_ditx(depth)
         self.peer = make_peer(self.model)

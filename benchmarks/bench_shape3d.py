@@ -63,8 +63,7 @@ from common import (  # noqa: E402
     use_ditx_allocator,
     write_results,
 )
-
-from modalities.shape3d.extract import DEFAULT_CHUNK  # noqa: E402
+from ditx.modalities.shape3d.extract import DEFAULT_CHUNK  # noqa: E402
 
 # the triplane-shapenet recipe's autoencoder sizes
 AE_ARGS = {"resolution": 32, "latent_channels": 8, "width": 128, "decoder_width": 128, "variational": True}
@@ -103,7 +102,7 @@ def ray_engine() -> str | None:
 
 
 def test_mesh(sections: tuple[int, int]) -> trimesh.Trimesh:
-    from modalities.shape3d.mesh import normalize_mesh
+    from ditx.modalities.shape3d.mesh import normalize_mesh
 
     torus = trimesh.creation.torus(major_radius=1.0, minor_radius=0.35, major_sections=sections[0],
                                    minor_sections=sections[1])  # fmt: skip
@@ -119,7 +118,7 @@ def query_points(mesh: trimesh.Trimesh, n: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_occupancy(s: Sizes) -> dict[str, Any]:
-    from modalities.shape3d.mesh import occupancy
+    from ditx.modalities.shape3d.mesh import occupancy
 
     mesh = test_mesh(s.sections)
     points = query_points(mesh, s.ditx_points)
@@ -149,7 +148,7 @@ def bench_occupancy(s: Sizes) -> dict[str, Any]:
 
 def decoder_field() -> Callable[[], Callable[[Tensor], Tensor]]:
     """A factory of occupancy functions (see the module doc); each call computes the decoder planes."""
-    from modalities.shape3d.autoencoder import TriplaneAutoencoder
+    from ditx.modalities.shape3d.autoencoder import TriplaneAutoencoder
 
     torch.manual_seed(0)
     ae = TriplaneAutoencoder(**AE_ARGS).freeze()
@@ -173,7 +172,7 @@ def decoder_field() -> Callable[[], Callable[[Tensor], Tensor]]:
 
 def extract_phases(make: Callable[[], Callable[[Tensor], Tensor]], r: int, out: dict[str, Any]) -> None:
     """``extract_mesh``'s two calls (``evaluate_grid``, then ``mesh_from_grid``), each timed into ``out``."""
-    from modalities.shape3d.extract import evaluate_grid, mesh_from_grid
+    from ditx.modalities.shape3d.extract import evaluate_grid, mesh_from_grid
 
     tic = time.perf_counter()
     values = evaluate_grid(make(), r, chunk_size=CHUNK)
@@ -185,9 +184,8 @@ def extract_phases(make: Callable[[], Callable[[Tensor], Tensor]], r: int, out: 
 
 
 def bench_extract(s: Sizes, tmp: Path) -> list[dict[str, Any]]:
+    from ditx.modalities.shape3d.extract import evaluate_grid, mesh_from_grid
     from skimage.measure import marching_cubes
-
-    from modalities.shape3d.extract import evaluate_grid, mesh_from_grid
 
     script = str(Path(__file__).resolve())
     make = decoder_field()
@@ -235,7 +233,7 @@ def memory_of(what: str, resolution: int, grid_file: str | None, times_file: str
     axis = np.linspace(-1, 1, 8, dtype=np.float32)
     ball = 0.5 - np.sqrt(sum(a**2 for a in np.meshgrid(axis, axis, axis)))
     if what == "extract":
-        from modalities.shape3d.extract import mesh_from_grid
+        from ditx.modalities.shape3d.extract import mesh_from_grid
 
         make = decoder_field()
         make()(torch.zeros(16, 3))  # first-call allocations

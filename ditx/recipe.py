@@ -321,7 +321,7 @@ def check_component_args(component: Component, section: str, source: str, skip: 
 
 
 def recipes_root() -> Path:
-    return Path(str(importlib.resources.files("recipes")))
+    return Path(str(importlib.resources.files("ditx.recipes")))
 
 
 def list_recipes() -> dict[str, str]:

@@ -13,7 +13,7 @@ A plugin whose components need optional packages declares them as a :class:`Moda
 and registers its components lazily, as ``"module:attribute"`` targets::
 
     video = declare_modality("video", requires={"decord": "decord"}, extra="video")
-    video.register(tokenizers, "tubelet", "modalities.video.tokenizer:TubeletTokenizer")
+    video.register(tokenizers, "tubelet", "ditx.modalities.video.tokenizer:TubeletTokenizer")
 
 Importing such a plugin needs nothing but ``ditx``; the modality's packages are checked,
 and its module imported, only when one of its components is asked for, so a modality

@@ -137,8 +137,9 @@ def test_cache_is_refused_when_autoencoder_weights_change_at_the_same_path(tiny_
 
 
 def test_one_cache_folder_rule_for_every_modality(monkeypatch, tmp_path):
+    from ditx.modalities.shape3d.data import PrimitivesDataset  # noqa: F401  (imports resolve)
+
     from ditx.files import ditx_cache_dir
-    from modalities.shape3d.data import PrimitivesDataset  # noqa: F401  (imports resolve)
 
     monkeypatch.setenv("DITX_CACHE", str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -104,8 +104,7 @@ def test_own_images_readme_runs_on_exported_digits(tmp_path):
 def test_own_clips_readme_caches_trains_and_samples(tmp_path):
     pytest.importorskip("decord")
     from diffusers import AutoencoderKL
-
-    from modalities.video.io import write_video
+    from ditx.modalities.video.io import write_video
 
     doc = EXAMPLES / "own_clips" / "README.md"
     documented(

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from ditx.modalities.image.autoencoder import SDVAE
 from PIL import Image
 
 from ditx.autoencoder import Autoencoder
@@ -16,9 +17,8 @@ from ditx.cli import main
 from ditx.recipe import RecipeError, recipe_from_dict
 from ditx.registry import autoencoders
 from ditx.train_autoencoder import train_autoencoder
-from modalities.image.autoencoder import SDVAE
 
-autoencoders.register("sd-vae", SDVAE)  # a no-op once modalities.image registers it too
+autoencoders.register("sd-vae", SDVAE)  # a no-op once ditx.modalities.image registers it too
 
 SMALL_KL = {  # f = 4, like SD's VAE but a few thousand parameters
     "down_block_types": ["DownEncoderBlock2D"] * 3,

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
+from ditx.modalities.image.data import ImageFolderDataset
 from PIL import Image
 
 from ditx.data import deterministic_choice
-from modalities.image.data import ImageFolderDataset
 
 rng = np.random.default_rng(0)
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from ditx.modalities.image import digits_classifier as DC
+from ditx.modalities.image import metrics as M
+from ditx.modalities.image.data import DigitsDataset
 
 from ditx import metrics as core
 from ditx.files import ditx_cache_dir
-from modalities.image import digits_classifier as DC
-from modalities.image import metrics as M
-from modalities.image.data import DigitsDataset
 
 pytest.importorskip("torchmetrics")
 

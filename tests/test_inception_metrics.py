@@ -12,12 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from ditx.modalities.image import inception as INC
+from ditx.modalities.image import metrics as M
+from ditx.modalities.image.io import write_adm_npz
 
 from ditx import metrics as core
 from ditx.data import Dataset
-from modalities.image import inception as INC
-from modalities.image import metrics as M
-from modalities.image.io import write_adm_npz
 
 pytest.importorskip("torchmetrics")
 

@@ -93,7 +93,7 @@ def test_shape3d_both_stages_sample_eval(tmp_path, monkeypatch):
     g = 16
     axis = (torch.arange(g) + 0.5) / g - 0.5
     x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
-    from modalities.shape3d.io import write_shape_samples
+    from ditx.modalities.shape3d.io import write_shape_samples
 
     ball = (x**2 + y**2 + z**2 < 0.3**2).float()[None, None]
     paths = write_shape_samples(ball, tmp_path / "ball")
@@ -107,8 +107,9 @@ def test_shape3d_both_stages_sample_eval(tmp_path, monkeypatch):
 
 
 def test_video_latent_cache_means_training_never_decodes(tmp_path, monkeypatch):
+    from ditx.modalities.video import data as video_data
+
     from ditx.cache import cache_latents
-    from modalities.video import data as video_data
 
     monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
     data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 24,

@@ -70,9 +70,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """Small stand-ins for the paper recipes' data and pretrained VAE, written with every package present."""
     import trimesh
     from diffusers import AutoencoderKL
+    from ditx.modalities.video.io import write_video
     from PIL import Image
-
-    from modalities.video.io import write_video
 
     root = tmp_path_factory.mktemp("stand-ins")
     rng = np.random.default_rng(0)
@@ -211,7 +210,7 @@ def test_plugin_imports_nothing_but_the_registry():
         from ditx import registry
         registry.load_plugins()
         print(sorted(registry.tokenizers.names()))
-        print(sorted(m for m in sys.modules if m.startswith("modalities.") and m.count(".") > 1))
+        print(sorted(m for m in sys.modules if m.startswith("ditx.modalities.") and m.count(".") > 2))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

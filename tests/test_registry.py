@@ -37,7 +37,7 @@ def test_taken_name_raises_unless_replacing():
 
 def test_every_kind_has_a_registry_and_builtins_are_found():
     assert set(registry.REGISTRIES) == {"tokenizers", "autoencoders", "datasets", "metrics", "objectives", "writers"}
-    assert "patch2d" in tokenizers.names()  # from modalities.image, found as a plugin
+    assert "patch2d" in tokenizers.names()  # from ditx.modalities.image, found as a plugin
     assert "identity" in registry.autoencoders.names()  # core built-in
 
 

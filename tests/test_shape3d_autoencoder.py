@@ -3,8 +3,7 @@ occupancy (spheres), normalisation statistics and save/load."""
 
 import pytest
 import torch
-
-from modalities.shape3d.autoencoder import TriplaneAutoencoder, sample_planes, scatter_mean_to_planes
+from ditx.modalities.shape3d.autoencoder import TriplaneAutoencoder, sample_planes, scatter_mean_to_planes
 
 
 def test_scatter_mean_matches_a_loop_and_reads_back_at_cell_centres():

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
-from modalities.shape3d.extract import EmptySurfaceError, evaluate_grid, export_mesh, extract_mesh
-from modalities.shape3d.mesh import load_mesh, occupancy
+from ditx.modalities.shape3d.extract import EmptySurfaceError, evaluate_grid, export_mesh, extract_mesh
+from ditx.modalities.shape3d.mesh import load_mesh, occupancy
 
 RADIUS = 0.3
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
-from modalities.shape3d import mesh as shape_mesh
-from modalities.shape3d.data import ShapeFolderDataset, held_out
-from modalities.shape3d.mesh import (
+from ditx.modalities.shape3d import mesh as shape_mesh
+from ditx.modalities.shape3d.data import ShapeFolderDataset, held_out
+from ditx.modalities.shape3d.mesh import (
     MESH_EXTENSIONS,
     MeshError,
     SampleSettings,
@@ -24,7 +23,7 @@ from modalities.shape3d.mesh import (
     sample_points,
     winding_number,
 )
-from modalities.shape3d.primitives import PRIMITIVE_FORMATS, PRIMITIVE_KINDS, write_primitives
+from ditx.modalities.shape3d.primitives import PRIMITIVE_FORMATS, PRIMITIVE_KINDS, write_primitives
 
 SMALL = {"n_surface": 64, "n_volume": 128, "n_near": 128}
 

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
-from ditx.data import Dataset
-from modalities.shape3d.metrics import (
+from ditx.modalities.shape3d.metrics import (
     PointCloudSetMetric,
     _nearest_blocked,
     chamfer_distance,
@@ -25,6 +23,8 @@ from modalities.shape3d.metrics import (
     shape_set_metrics,
     volume_iou,
 )
+
+from ditx.data import Dataset
 
 
 def spheres(n: int, points: int, generator: torch.Generator) -> torch.Tensor:

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from ditx.modalities.shape3d.tokenizer import TriplaneTokenizer
 from test_dit import randomize
 from test_tokenizer import identity_projection
 
 from ditx.dit import build_dit
 from ditx.tokenizer import sincos_nd
-from modalities.shape3d.tokenizer import TriplaneTokenizer
 
 
 def plain(tok):

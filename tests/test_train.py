@@ -187,7 +187,7 @@ class _Flaky(Dataset):
     """Digits whose items misbehave: NaN images from some epoch on, or unreadable files."""
 
     def __init__(self, nan_from_epoch=None, broken=(), size=8, seed=0, split="train", augment=True):
-        from modalities.image.data import DigitsDataset
+        from ditx.modalities.image.data import DigitsDataset
 
         self.base = DigitsDataset(size=size)
         self.data_shape, self.num_classes = self.base.data_shape, 10

@@ -10,14 +10,14 @@ import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan
+from ditx.modalities.image.autoencoder import SDVAE
+from ditx.modalities.video.autoencoder import CONFIGS, FramewiseVAE, VideoVAE
 
 from ditx.autoencoder import Autoencoder
 from ditx.recipe import Component, RecipeError, check_component_args
 from ditx.registry import autoencoders
-from modalities.image.autoencoder import SDVAE
-from modalities.video.autoencoder import CONFIGS, FramewiseVAE, VideoVAE
 
-autoencoders.register("framewise-vae", FramewiseVAE)  # no-ops once modalities.video registers them too
+autoencoders.register("framewise-vae", FramewiseVAE)  # no-ops once ditx.modalities.video registers them too
 autoencoders.register("video-vae", VideoVAE)
 
 SMALL_KL = {  # f = 4, like SD's VAE but a few thousand parameters

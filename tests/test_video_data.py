@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from ditx.modalities.video import data as video_data
+from ditx.modalities.video.data import VideoFolderDataset, num_clip_starts, sample_clip_indices
+from ditx.modalities.video.io import write_video
+from ditx.modalities.video.moving_digits import MOTIONS, MovingDigitsDataset, render_moving_digits, write_moving_digits
 
 from ditx.data import deterministic_choice
-from modalities.video import data as video_data
-from modalities.video.data import VideoFolderDataset, num_clip_starts, sample_clip_indices
-from modalities.video.io import write_video
-from modalities.video.moving_digits import MOTIONS, MovingDigitsDataset, render_moving_digits, write_moving_digits
 
 pytest.importorskip("decord")
 pytest.importorskip("av")
@@ -448,7 +448,7 @@ def test_moving_digits_writer_resumes_and_refuses_other_settings(tmp_path, monke
     assert json.loads((root / ".complete").read_text())["num_frames"] == 6
     assert not (root / ".generating").exists()
 
-    from modalities.video import io as video_io
+    from ditx.modalities.video import io as video_io
 
     calls = []
     original = video_io.write_video
@@ -471,7 +471,7 @@ def test_moving_digits_writer_resumes_and_refuses_other_settings(tmp_path, monke
 
 
 def test_an_interrupted_generation_with_other_settings_is_refused(tmp_path, monkeypatch):
-    from modalities.video import io as video_io
+    from ditx.modalities.video import io as video_io
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -17,12 +17,12 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from ditx.modalities.image import inception as INC
+from ditx.modalities.video import metrics as VM
+from ditx.modalities.video import moving_digits_metric as MDM
 from torch import Tensor, nn
 
 from ditx.data import Dataset
-from modalities.image import inception as INC
-from modalities.video import metrics as VM
-from modalities.video import moving_digits_metric as MDM
 
 pytest.importorskip("torchmetrics")
 
@@ -372,14 +372,14 @@ def digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def frame_classifier(digits_cache):
-    pytest.importorskip("modalities.video.data")
+    pytest.importorskip("ditx.modalities.video.data")
     return MDM.load_or_train_moving_digits_classifier(32, cache_dir=digits_cache)
 
 
 @pytest.fixture(scope="session")
 def test_clips():
     """200 held-out clips (digits the classifier never saw), as RGB in [-1, 1] like the decoded dataset."""
-    from modalities.video.moving_digits import render_moving_digits
+    from ditx.modalities.video.moving_digits import render_moving_digits
 
     clips, labels, _ = render_moving_digits(200, num_frames=8, size=32, split="test", seed=7)
     clips = torch.as_tensor(clips).float() / 127.5 - 1  # (N, T, H, W)

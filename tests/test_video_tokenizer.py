@@ -1,12 +1,12 @@
 """``tubelet``: exact inversion, Latte and CogVideoX patchings, clear errors, codes for any clip length."""
 
+import ditx.modalities.video  # noqa: F401  (registers the video components)
 import numpy as np
 import pytest
 import torch
 from test_dit import randomize
 from test_tokenizer import identity_projection
 
-import modalities.video  # noqa: F401  (registers the video components)
 from ditx.dit import build_dit
 from ditx.registry import tokenizers
 from ditx.tokenizer import sincos_nd

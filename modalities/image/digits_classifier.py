@@ -152,7 +152,7 @@ def _accuracy(model: DigitsClassifier, images: Tensor, labels: Tensor, batch_siz
 
 def train_digits_classifier(settings: dict[str, Any], device: str | torch.device = "cpu") -> DigitsClassifier:
     """Train a ``DigitsClassifier`` on the digits train split as ``settings`` says (deterministic)."""
-    from modalities.image.data import DigitsDataset
+    from ditx.modalities.image.data import DigitsDataset
 
     start = time.perf_counter()
     data = DigitsDataset(size=settings["size"], channels=settings["channels"], split="train")
@@ -187,7 +187,7 @@ def train_digits_classifier(settings: dict[str, Any], device: str | torch.device
 
 
 def _test_accuracy(model: DigitsClassifier, settings: dict[str, Any]) -> float:
-    from modalities.image.data import DigitsDataset
+    from ditx.modalities.image.data import DigitsDataset
 
     test = DigitsDataset(size=settings["size"], channels=settings["channels"], split="test")
     return _accuracy(model, test.images, test.labels)

@@ -16,19 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
-from ditx.data import Dataset
-from ditx.files import atomic_write, file_sha256
-from ditx.metrics import FeatureDistanceMetric, dataset_tensors
-from ditx.registry import package_version
-from modalities.image.digits_classifier import (
+from ditx.modalities.image.digits_classifier import (
     CLASSIFIER_INPUT_SIZE,
     FEATURE_DIM,
     DigitsClassifier,
     load_or_train_digits_classifier,
 )
-from modalities.image.inception import (
+from ditx.modalities.image.inception import (
     INCEPTION_CLASSES,
     INCEPTION_FEATURES,
     INCEPTION_INPUT_SIZE,
@@ -41,6 +35,12 @@ from modalities.image.inception import (
     load_inception_extractor,
     load_reference_stats,
 )
+from torch import Tensor, nn
+
+from ditx.data import Dataset
+from ditx.files import atomic_write, file_sha256
+from ditx.metrics import FeatureDistanceMetric, dataset_tensors
+from ditx.registry import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class InceptionMetric(FeatureDistanceMetric):
 
     def _embed_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) in [-1, 1] -> pool features (B, feature) and logits (B, 1008)."""
-        from modalities.image.io import images_to_uint8
+        from ditx.modalities.image.io import images_to_uint8
 
         x = images_to_uint8(images)  # (B, C, H, W) uint8
         return self.network(x.expand(-1, 3, -1, -1))  # grey -> RGB; resized to 299x299 inside

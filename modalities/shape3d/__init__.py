@@ -12,10 +12,10 @@ shape3d = registry.declare_modality(
     requires={"trimesh": "trimesh", "networkx": "networkx", "skimage": "scikit-image", "scipy": "scipy"},
     extra="shape3d",
 )
-shape3d.register(registry.tokenizers, "triplane", "modalities.shape3d.tokenizer:TriplaneTokenizer")
-shape3d.register(registry.autoencoders, "triplane-ae", "modalities.shape3d.autoencoder:TriplaneAutoencoder")
-shape3d.register(registry.datasets, "shape-folder", "modalities.shape3d.data:ShapeFolderDataset")
-shape3d.register(registry.datasets, "primitives", "modalities.shape3d.data:PrimitivesDataset")
-shape3d.register(registry.metrics, "pointcloud-set", "modalities.shape3d.metrics:PointCloudSetMetric")
-shape3d.register(registry.metrics, "shape3d", "modalities.shape3d.metrics:ShapeGenerationMetric")
-shape3d.register(registry.writers, "shape3d", "modalities.shape3d.io:write_shape_samples")
+shape3d.register(registry.tokenizers, "triplane", "ditx.modalities.shape3d.tokenizer:TriplaneTokenizer")
+shape3d.register(registry.autoencoders, "triplane-ae", "ditx.modalities.shape3d.autoencoder:TriplaneAutoencoder")
+shape3d.register(registry.datasets, "shape-folder", "ditx.modalities.shape3d.data:ShapeFolderDataset")
+shape3d.register(registry.datasets, "primitives", "ditx.modalities.shape3d.data:PrimitivesDataset")
+shape3d.register(registry.metrics, "pointcloud-set", "ditx.modalities.shape3d.metrics:PointCloudSetMetric")
+shape3d.register(registry.metrics, "shape3d", "ditx.modalities.shape3d.metrics:ShapeGenerationMetric")
+shape3d.register(registry.writers, "shape3d", "ditx.modalities.shape3d.io:write_shape_samples")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ditx.modalities.shape3d.extract import DEFAULT_CHUNK
 from torch import Tensor, nn
 
 from ditx.autoencoder import Autoencoder
-from modalities.shape3d.extract import DEFAULT_CHUNK
 
 logger = logging.getLogger("ditx.shape3d")
 
@@ -106,7 +106,7 @@ class TriplaneAutoencoder(Autoencoder):
         variational: a KL-regularised posterior (sampled when training) instead of a plain code.
         decode_resolution: G, the occupancy grid ``decode`` returns.
         chunk_size: query points per decoder call when decoding a grid (bounds memory at 256³;
-            the default, 16,384, is also the fastest on CPU: see ``modalities.shape3d.extract``).
+            the default, 16,384, is also the fastest on CPU: see ``ditx.modalities.shape3d.extract``).
         pretrained: a folder written by ``save_pretrained`` (weights, config, latent statistics).
     """
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from ditx.data import Dataset, files_under, has_extension
-from ditx.files import ditx_cache_dir, files_fingerprint
-from modalities.shape3d.mesh import (
+from ditx.modalities.shape3d.mesh import (
     MESH_EXTENSIONS,
     SampleSettings,
     _read_samples,
     preprocess_folder,
 )
-from modalities.shape3d.primitives import write_primitives
+from ditx.modalities.shape3d.primitives import write_primitives
+from torch import Tensor
+
+from ditx.data import Dataset, files_under, has_extension
+from ditx.files import ditx_cache_dir, files_fingerprint
 
 __all__ = ["ShapeFolderDataset", "PrimitivesDataset", "held_out"]
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import trimesh
+from ditx.modalities.image.io import make_grid
+from ditx.modalities.shape3d.extract import EmptySurfaceError, export_mesh, mesh_from_grid
 from PIL import Image
 from torch import Tensor
 
 from ditx.files import atomic_write
-from modalities.image.io import make_grid
-from modalities.shape3d.extract import EmptySurfaceError, export_mesh, mesh_from_grid
 
 
 def volume_bounds(resolution: int) -> tuple[float, float]:

@@ -466,7 +466,7 @@ class ShapeGenerationMetric(PointCloudSetMetric):
     name = "shape3d"
 
     def compute(self, samples: Tensor | Sequence[Any], labels: Tensor | None = None) -> dict[str, float]:
-        from modalities.shape3d.io import volumes_to_meshes
+        from ditx.modalities.shape3d.io import volumes_to_meshes
 
         if not (isinstance(samples, Tensor) and samples.ndim == 5):
             return super().compute(samples, labels)

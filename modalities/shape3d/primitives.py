@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import trimesh
+from ditx.modalities.shape3d.mesh import MESH_EXTENSIONS, normalize_mesh
 
 from ditx.files import atomic_write
-from modalities.shape3d.mesh import MESH_EXTENSIONS, normalize_mesh
 
 PRIMITIVE_KINDS = ("box", "sphere", "cylinder", "capsule", "cone", "torus")
 PRIMITIVE_FORMATS = ("obj", "ply", "stl", "off", "glb")

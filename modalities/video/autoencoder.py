@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from ditx.modalities.image.autoencoder import DTYPES, SDVAE, load_pretrained_model
 from torch import Tensor, nn
 
 from ditx.autoencoder import Autoencoder
-from modalities.image.autoencoder import DTYPES, SDVAE, load_pretrained_model
 
 # ======================================================================================
 # framewise-vae: an image VAE per frame
@@ -59,7 +59,7 @@ class FramewiseVAE(Autoencoder):
 
     Args:
         pretrained, subfolder, config, scaling_factor, sample_posterior, dtype: as for
-            ``modalities.image.autoencoder.SDVAE`` (``config`` names: ``tiny``, ``tiny-f4``, ``sd``;
+            ``ditx.modalities.image.autoencoder.SDVAE`` (``config`` names: ``tiny``, ``tiny-f4``, ``sd``;
             ``scaling_factor`` None takes the VAE config's, 0.18215 for SD's VAE).
         chunk_size: frames per encoder/decoder call (over the whole batch).
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ditx.modalities.image.io import images_to_uint8, make_grid
 from PIL import Image
 from torch import Tensor
 
 from ditx.files import atomic_write
-from modalities.image.io import images_to_uint8, make_grid
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 

@@ -51,7 +51,7 @@ results carry a ``frame_`` prefix: ``frame_fid``, ``frame_inception_score``,
 
 Moving digits (``MovingDigitsMetric``, registered as ``moving-digits``)
 ---------------------------------------------------------------------
-For the tiny recipe (``modalities.video.moving_digits.render_moving_digits``: one scikit-learn digit
+For the tiny recipe (``ditx.modalities.video.moving_digits.render_moving_digits``: one scikit-learn digit
 moving on a black canvas). The judge, ``MovingDigitsClassifier``, is the image modality's
 ``DigitsClassifier`` applied to a crop centred on each frame's intensity centroid, so it
 needs no translation invariance of its own; it is trained once on frames of the rendered
@@ -99,12 +99,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ditx.modalities.image.metrics import InceptionMetric
 from torch import Tensor, nn
 
 from ditx.data import Dataset
 from ditx.files import file_sha256
 from ditx.metrics import FeatureDistanceMetric, Metric
-from modalities.image.metrics import InceptionMetric
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class FVDMetric(FeatureDistanceMetric):
 
     def _embed_batch(self, clips: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, T, H, W) in [-1, 1] -> I3D features (B, 400), and no logits (B, 0)."""
-        from modalities.image.io import images_to_uint8
+        from ditx.modalities.image.io import images_to_uint8
 
         x = images_to_uint8(clips).expand(-1, 3, -1, -1, -1).contiguous()  # (B, 3, T, H, W) uint8; grey -> RGB
         features = self.detector(x, **I3D_DETECTOR_KWARGS)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from ditx.modalities.video.data import VideoFolderDataset, clip_span
 
 from ditx.files import atomic_write, ditx_cache_dir
-from modalities.video.data import VideoFolderDataset, clip_span
 
 logger = logging.getLogger("ditx.video")
 
@@ -68,8 +68,8 @@ def render_moving_digits(
     ``size - digit_size`` between the first and last frame (3.6 pixels at the defaults;
     about 9 on average). The same arguments always give the same clips.
     """
-    from modalities.image.data import DigitsDataset
-    from modalities.image.io import images_to_uint8
+    from ditx.modalities.image.data import DigitsDataset
+    from ditx.modalities.image.io import images_to_uint8
 
     if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
         raise ValueError(f"moving-digits num_clips must be a positive integer, got {num_clips!r}")
@@ -135,7 +135,7 @@ def write_moving_digits(
     folder made with other settings is a ``ValueError`` naming it (delete it or choose
     another ``root``).
     """
-    from modalities.video.io import write_video
+    from ditx.modalities.video.io import write_video
 
     counts = dict(num_clips_per_split or {"train": 1500, "test": 300})
     if digit_size is None:

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ditx.modalities.image.digits_classifier import CLASSIFIER_INPUT_SIZE, FEATURE_DIM, DigitsClassifier, _shift_1px
+from ditx.modalities.video.metrics import _check_clips, _dataset_clips, clips_to_frames
 from torch import Tensor, nn
 
 from ditx.data import Dataset
 from ditx.files import ditx_cache_dir
 from ditx.metrics import Metric, cached_classifier, frechet_distance, settings_hash
 from ditx.registry import package_version
-from modalities.image.digits_classifier import CLASSIFIER_INPUT_SIZE, FEATURE_DIM, DigitsClassifier, _shift_1px
-from modalities.video.metrics import _check_clips, _dataset_clips, clips_to_frames
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def moving_digits_classifier_settings(
 
 def _render(settings: dict[str, Any], split: str) -> tuple[Tensor, Tensor]:
     """Rendered clips as float frames ``(N, T, 1, S, S)`` in [-1, 1] and labels ``(N,)``."""
-    from modalities.video.moving_digits import render_moving_digits
+    from ditx.modalities.video.moving_digits import render_moving_digits
 
     r = settings["render"]
     num_clips = r["num_clips"] if split == "train" else settings["test_render"]["num_clips"]
