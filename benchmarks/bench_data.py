@@ -141,7 +141,7 @@ def write_clips(folder: Path, s: Sizes) -> list[Path]:
 def resize_crop(frames: list[np.ndarray], size: int) -> Tensor:
     """uint8 (H, W, 3) frames -> (3, T, size, size) in [-1, 1] with ditx's own resize and crop, so
     the readers differ only in how they decode."""
-    from ditx.modalities.video.data import resize_center_crop
+    from ditx.modalities.video.clips import resize_center_crop
 
     return resize_center_crop(np.stack(frames), size)
 

@@ -21,9 +21,9 @@ from ditx.modalities.shape3d.mesh import (
     preprocess_folder,
     preprocess_mesh,
     sample_points,
-    winding_number,
 )
 from ditx.modalities.shape3d.primitives import PRIMITIVE_FORMATS, PRIMITIVE_KINDS, write_primitives
+from ditx.modalities.shape3d.winding import winding_number
 
 SMALL = {"n_surface": 64, "n_volume": 128, "n_near": 128}
 

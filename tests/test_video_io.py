@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from ditx.modalities.image.io import images_to_uint8
-from ditx.modalities.video.data import read_frames
+from ditx.modalities.video.clips import read_frames
 from ditx.modalities.video.io import make_video_grid, videos_to_uint8, write_video, write_video_samples
 from PIL import Image
 

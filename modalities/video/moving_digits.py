@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from ditx.modalities.video.data import VideoFolderDataset, clip_span
+from ditx.modalities.video.clips import clip_span
+from ditx.modalities.video.data import VideoFolderDataset
 
 from ditx.files import atomic_write, ditx_cache_dir
 
