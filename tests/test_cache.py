@@ -149,3 +149,15 @@ def test_one_cache_folder_rule_for_every_modality(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert ditx_cache_dir("moving-digits") == tmp_path / "home" / ".cache" / "ditx" / "moving-digits"
+
+
+def test_caching_never_builds_the_dit(tiny_recipe, tmp_path, monkeypatch):
+    """cache-latents needs the dataset and the autoencoder: the model is built only when asked for."""
+    import ditx.build
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("cache-latents built a DiT")
+
+    monkeypatch.setattr(ditx.build, "build_model", no_model)
+    out = cache_latents(tiny_recipe(data={"split": "test"}), out=tmp_path / "cache")
+    assert json.loads((out / "index.json").read_text())["fingerprint"]["num_items"] == 355

@@ -145,6 +145,23 @@ def test_official_dit_converts_and_samples_through_the_paper_recipe(tmp_path):
     assert (out / "grid.png").is_file()
 
 
+def test_sampling_a_run_loads_its_model_without_building_a_random_one(tiny_run, tmp_path, monkeypatch):
+    """The model comes from the checkpoint's ema/ model directory (built on the meta device,
+    given the weights); the recipe's random-initialised DiT is never built."""
+    import ditx.build
+    import ditx.checkpoint as ckpt
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("sampling built the recipe's DiT")
+
+    monkeypatch.setattr(ditx.build, "build_model", no_model)
+    _, parts, model = ditx.build.load_for_sampling(tiny_run)
+    newest = ckpt.list_checkpoints(tiny_run / "checkpoints")[-1]
+    expected = ckpt.load_model(newest / "ema").state_dict()
+    assert parts.model is model and model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
 def test_sampling_and_eval_hash_only_the_files_they_read(tiny_run, tmp_path, monkeypatch):
     """Verification checks what is read, when it is read: never the optimizer states."""
     import ditx.checkpoint as ckpt
