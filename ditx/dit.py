@@ -288,7 +288,6 @@ class DiT(nn.Module):
         hidden_size: int | None = None,
     ):
         super().__init__()
-        self.config: dict[str, Any] | None = None
         if isinstance(tokenizer, dict):
             from ditx.registry import tokenizers
 
@@ -298,15 +297,22 @@ class DiT(nn.Module):
             name = spec.pop("name", None)
             if name is None:
                 raise ValueError(f"tokenizer spec needs a 'name' (one of {tokenizers.names()}), got {tokenizer}")
-            self.config = dict(
-                tokenizer=dict(tokenizer), depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                num_classes=num_classes, class_dropout_prob=class_dropout_prob,
-                layout=layout if isinstance(layout, str) else [list(e) if e else e for e in layout],
-                attention_backend=attention_backend, context_dim=context_dim, hidden_size=hidden_size,
-            )  # fmt: skip
+            recorded: dict[str, Any] | None = dict(tokenizer)
             tokenizer = tokenizers.build(name, hidden_size=hidden_size, **spec)
+        else:  # an instance: recorded through its registered name and constructor arguments
+            recorded = tokenizer.spec()
+            if recorded is not None:
+                recorded.pop("hidden_size", None)
         if hidden_size is not None and hidden_size != tokenizer.hidden_size:
             raise ValueError(f"hidden_size={hidden_size} disagrees with the tokenizer's {tokenizer.hidden_size}")
+        # the constructor config (what save_model writes and DiT(**config) rebuilds); None only
+        # for a tokenizer whose class is not registered
+        self.config: dict[str, Any] | None = None if recorded is None else dict(
+            tokenizer=recorded, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            num_classes=num_classes, class_dropout_prob=class_dropout_prob,
+            layout=layout if isinstance(layout, str) else [list(e) if e else e for e in layout],
+            attention_backend=attention_backend, context_dim=context_dim, hidden_size=tokenizer.hidden_size,
+        )  # fmt: skip
         hidden_size = tokenizer.hidden_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads

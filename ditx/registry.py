@@ -227,6 +227,14 @@ class Registry:
             self._factories[name] = factory
         return factory
 
+    def name_of(self, factory: Callable[..., Any]) -> str | None:
+        """The name ``factory`` is registered under (the first, if several), None when it is not."""
+        self._discover()
+        for name, registered in self._factories.items():
+            if registered is factory or (isinstance(registered, LazyFactory) and registered.points_to(factory)):
+                return name
+        return None
+
     def build(self, name: str, /, **kwargs: Any) -> Any:
         """Call the factory registered under ``name`` with ``kwargs``."""
         return self.get(name)(**kwargs)

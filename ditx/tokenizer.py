@@ -8,8 +8,10 @@ position codes, so resolution and clip length may change from batch to batch.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,9 +69,33 @@ class Tokenizer(nn.Module):
     patch_numel: int
     patch_size: tuple[int, ...] | None = None
 
+    def __new__(cls, *args, **kwargs):
+        # the constructor's arguments, so that a model can record how to rebuild its tokenizer (spec())
+        self = super().__new__(cls)
+        object.__setattr__(self, "_constructor_args", (args, dict(kwargs)))
+        return self
+
     def __init__(self) -> None:
         super().__init__()
         self._code_cache: dict[tuple, Tensor] = {}
+
+    def spec(self) -> dict[str, Any] | None:
+        """``{"name": <registered name>, **constructor arguments}``: what rebuilds this tokenizer
+        through ``ditx.registry.tokenizers``; None when its class is not registered."""
+        from ditx.registry import tokenizers
+
+        name = tokenizers.name_of(type(self))
+        if name is None:
+            return None
+        args, kwargs = self._constructor_args
+        signature = inspect.signature(type(self))
+        spec: dict[str, Any] = {"name": name}
+        for key, value in signature.bind(*args, **kwargs).arguments.items():
+            kind = signature.parameters[key].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                return None  # not expressible as keyword arguments
+            spec.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+        return spec
 
     def tokenize(self, x: Tensor) -> tuple[Tensor, Grid]:
         """(B, C, *spatial) -> tokens (B, N, hidden), grid (one size per axis, prod == N)."""

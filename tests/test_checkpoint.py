@@ -335,3 +335,19 @@ def test_atomic_write_failure_keeps_the_old_target(tmp_path, directory):
     if directory:  # replaced, not merged
         assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["target"]
+
+
+def test_a_dit_built_from_a_tokenizer_instance_records_its_config(tmp_path):
+    """Every DiT records its constructor config, also when given a (registered) tokenizer object:
+    save_model/load_model rebuild the same model from config.json alone."""
+    from ditx.dit import DiT
+    from ditx.registry import tokenizers
+
+    torch.manual_seed(0)
+    tokenizer = tokenizers.build("tubelet", patch_size=[1, 2, 2], in_channels=3, hidden_size=32, out_channels=6)
+    model = DiT(tokenizer, depth=2, num_heads=2, num_classes=5, layout="spatial-temporal")
+    assert model.config["tokenizer"] == {"name": "tubelet", "patch_size": [1, 2, 2], "in_channels": 3,
+                                         "out_channels": 6}  # fmt: skip
+    loaded = load_model(save_model(model, tmp_path / "model"))
+    x, t, y = torch.randn(2, 3, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    torch.testing.assert_close(loaded(x, t, y), model.eval()(x, t, y), rtol=0, atol=0)
