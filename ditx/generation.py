@@ -69,7 +69,7 @@ def generate(
             z = diffusion_sample(
                 model, parts.objective, (stop - start, *parts.latent_shape),
                 scheduler=config.scheduler, num_steps=config.num_steps, y=y,
-                null_class=getattr(model, "null_class", None) if y is not None else None,
+                null_class=model.null_class if y is not None else None,
                 guidance_scale=config.guidance_scale if y is not None else 1.0,
                 guided_channels=config.guided_channels, device=device,
                 noise=noise[start:stop].to(device),
