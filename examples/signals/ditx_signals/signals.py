@@ -1,13 +1,16 @@
 """1-D signals for ditx: a patch tokenizer over time, a dataset of noisy sines whose class is
 their frequency, a metric that reads the frequency back with an FFT, and a writer (CSV + PNG).
 
-Each follows the contract ditx calls and nothing more:
+Each follows its contract in the core (the class it subclasses; its docstring is the
+contract) and nothing more:
 
 - tokenizer: a ``ditx.tokenizer.PatchTokenizer`` over one axis, ``("time",)``;
-- dataset: ``len``, items ``{"x": (1, length) in [-1, 1], "y": class}``, ``data_shape``,
-  ``num_classes``, a ``split`` argument (``test`` is the metrics' reference) and ``seed``;
-- metric: ``prepare(reference, device)``, ``compute(samples, labels) -> dict``, ``protocol()``;
-- writer: ``write(samples, out_dir, labels) -> list of paths``.
+- dataset: a ``ditx.data.Dataset``: items ``{"x": (1, length) in [-1, 1], "y": class}``,
+  ``data_shape``, ``num_classes``, ``split`` (``test`` is the metrics' reference), ``seed``
+  and ``augment`` (it has no augmentation to turn off);
+- metric: a ``ditx.metrics.Metric``: ``prepare(reference, device)``,
+  ``compute(samples, labels) -> dict``, ``protocol()``;
+- writer: a ``ditx.writers.Writer``: ``write(samples, out_dir, labels) -> list of paths``.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class SineWaves(Dataset):
         waves += noise * rng.standard_normal((num_items, length))
         self.signals = torch.from_numpy(np.clip(waves, -1, 1).astype(np.float32))[:, None]  # (N, 1, length)
         self.data_shape = (1, length)
-        self.num_classes = num_classes
+        self.num_classes, self.split = num_classes, split
 
     def __len__(self) -> int:
         return len(self.labels)
