@@ -108,3 +108,8 @@ def test_the_core_never_imports_modalities_or_recipes():
         if bad:
             offenders[name] = bad
     assert offenders == {}
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
