@@ -33,6 +33,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import warnings
 from abc import ABC, abstractmethod
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ditx.data import Dataset
-from ditx.files import atomic_write, file_sha256
+from ditx.files import atomic_write, ditx_cache_dir, file_sha256
 from ditx.registry import package_version
 
 logger = logging.getLogger(__name__)
@@ -95,18 +96,41 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 
+def judge_cache_path(name: str, settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache_dir>/<name>-<settings hash>.safetensors``; ``cache_dir`` defaults to ditx's cache folder."""
+    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir()
+    return cache / f"{name}-{settings_hash(settings)}.safetensors"
+
+
+def _load_judge(path: Path, settings: dict[str, Any], build) -> tuple[nn.Module, dict[str, str]]:
+    """(``build(settings)`` with the weights of ``path``, frozen; the file's metadata), after
+    checking that the file was written for these ``settings``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    stored = json.loads(metadata.get("settings", "null"))
+    if stored != settings:
+        raise ValueError(f"settings stored in {path} ({stored}) differ from the requested ones ({settings})")
+    model = build(settings)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False), metadata
+
+
 def cached_classifier(
-    path: Path, settings: dict[str, Any], load, train_and_score, what: str, min_accuracy: float, device
+    path: Path, settings: dict[str, Any], build, train_and_score, what: str, min_accuracy: float, device
 ) -> nn.Module:
-    """A judge network trained at most once: ``load(path, settings) -> (model, metadata)`` when
-    the cache file exists and loads (else a warning says why), otherwise
-    ``train_and_score() -> (model, test accuracy)`` and an atomic write of the weights with
-    the settings and accuracy. The model gets ``settings``, ``settings_hash``,
-    ``weights_sha256`` and ``test_accuracy`` attributes and is moved to ``device``."""
+    """A judge network trained at most once: ``build(settings)`` given the weights of ``path``
+    when the cache file exists, was written for ``settings`` and loads (else a warning says
+    why), otherwise ``train_and_score() -> (model, test accuracy)`` and an atomic write of
+    the weights with the settings and accuracy. The model gets ``settings``,
+    ``settings_hash``, ``weights_sha256`` and ``test_accuracy`` attributes and is moved to
+    ``device``."""
     model = None
     if path.exists():
         try:
-            model, metadata = load(path, settings)
+            model, metadata = _load_judge(path, settings, build)
             test_accuracy = float(metadata["test_accuracy"])
         except Exception as e:  # any unreadable cache entry is rebuilt, never trusted
             warnings.warn(

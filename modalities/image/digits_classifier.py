@@ -14,7 +14,6 @@ penultimate layer (64-d) of ``DigitsClassifier``, a small CNN trained once on th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ditx.files import ditx_cache_dir
-from ditx.metrics import cached_classifier, settings_hash
+from ditx.metrics import cached_classifier, judge_cache_path, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -194,22 +192,11 @@ def _test_accuracy(model: DigitsClassifier, settings: dict[str, Any]) -> float:
 
 
 def classifier_cache_path(settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
-    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir()
-    return cache / f"digits-classifier-{settings_hash(settings)}.safetensors"
+    return judge_cache_path("digits-classifier", settings, cache_dir)
 
 
-def _load_classifier(path: Path, settings: dict[str, Any]) -> tuple[DigitsClassifier, dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    stored = json.loads(metadata.get("settings", "null"))
-    if stored != settings:
-        raise ValueError(f"settings stored in {path} ({stored}) differ from the requested ones ({settings})")
-    model = DigitsClassifier(settings["channels"], feature_dim=settings["feature_dim"])
-    model.load_state_dict(state, strict=True)
-    return model.eval().requires_grad_(False), metadata
+def _build_classifier(settings: dict[str, Any]) -> DigitsClassifier:
+    return DigitsClassifier(settings["channels"], feature_dim=settings["feature_dim"])
 
 
 def load_or_train_digits_classifier(
@@ -235,6 +222,6 @@ def load_or_train_digits_classifier(
         return model, _test_accuracy(model, settings)
 
     return cached_classifier(
-        classifier_cache_path(settings, cache_dir), settings, _load_classifier, train_and_score,
+        classifier_cache_path(settings, cache_dir), settings, _build_classifier, train_and_score,
         what="digits classifier", min_accuracy=0.95, device=device,
     )  # fmt: skip

@@ -5,7 +5,6 @@ its digit, and how far the digit moves."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -20,8 +19,7 @@ from ditx.modalities.video.metrics import _check_clips, _dataset_clips, clips_to
 from torch import Tensor, nn
 
 from ditx.data import Dataset
-from ditx.files import ditx_cache_dir
-from ditx.metrics import Metric, cached_classifier, frechet_distance, settings_hash
+from ditx.metrics import Metric, cached_classifier, frechet_distance, judge_cache_path
 from ditx.registry import package_version
 
 logger = logging.getLogger(__name__)
@@ -249,22 +247,7 @@ def train_moving_digits_classifier(
 
 
 def moving_digits_classifier_path(settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
-    cache = Path(cache_dir) if cache_dir is not None else ditx_cache_dir()
-    return cache / f"moving-digits-classifier-{settings_hash(settings)}.safetensors"
-
-
-def _load_moving_digits_classifier(path: Path, settings: dict[str, Any]) -> tuple[MovingDigitsClassifier, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    stored = json.loads(metadata.get("settings", "null"))
-    if stored != settings:
-        raise ValueError(f"settings stored in {path} ({stored}) differ from the requested ones ({settings})")
-    model = MovingDigitsClassifier(settings["crop_size"])
-    model.load_state_dict(state, strict=True)
-    return model.eval().requires_grad_(False), metadata
+    return judge_cache_path("moving-digits-classifier", settings, cache_dir)
 
 
 def load_or_train_moving_digits_classifier(
@@ -301,7 +284,7 @@ def load_or_train_moving_digits_classifier(
         return model, frame_accuracy(predictions, test_labels)
 
     return cached_classifier(
-        moving_digits_classifier_path(settings, cache_dir), settings, _load_moving_digits_classifier,
+        moving_digits_classifier_path(settings, cache_dir), settings, lambda s: MovingDigitsClassifier(s["crop_size"]),
         train_and_score, what="moving-digits classifier", min_accuracy=0.97, device=device,
     )  # fmt: skip
 
