@@ -303,6 +303,7 @@ autoencoders = Registry("autoencoder", builtins=("ditx.autoencoder",))
 datasets = Registry("dataset")
 metrics = Registry("metric")
 objectives = Registry("objective", builtins=("ditx.diffusion.objectives",))
+text_encoders = Registry("text_encoder", builtins=("ditx.text",))
 # modality name -> a ditx.writers.Writer: function(samples, out_dir, labels=None) -> written paths
 writers = Registry("writer")
 
@@ -312,5 +313,6 @@ REGISTRIES: dict[str, Registry] = {
     "datasets": datasets,
     "metrics": metrics,
     "objectives": objectives,
+    "text_encoders": text_encoders,
     "writers": writers,
 }
