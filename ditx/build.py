@@ -62,8 +62,8 @@ class Components:
         """These components with the shapes a trained model generates (the same model)."""
         if self.sample_latent_shape is None:
             return self
-        self.model  # noqa: B018  (built once, shared by both)
-        return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape)
+        return dataclasses.replace(self, data_shape=self.sample_data_shape, latent_shape=self.sample_latent_shape,
+                                   _model=self.model)  # one model, built once, shared by both
 
 
 def build_dataset(recipe: Recipe, split: str | None = None, augment: bool = True) -> Dataset:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ditx.build import run_relative
 from ditx.files import atomic_write
 from ditx.recipe import Recipe
-from ditx.train import Trainer
+from ditx.train import Trainer, first_stage_pending
 
 logger = logging.getLogger("ditx.train")
 
@@ -26,7 +26,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, resume: bool
                  overwrite: bool = False) -> Path:  # fmt: skip
     """Every stage of ``recipe`` into one run folder; returns it (arguments as ``ditx.train.train``)."""
     trainer = Trainer(recipe, run_dir, resume=resume, overwrite=overwrite)  # the run folder, claimed
-    if recipe.autoencoder_train.first_stage and not recipe.autoencoder.args.get("pretrained"):
+    if first_stage_pending(recipe):
         first_stage(recipe, trainer.run_dir, trainer.accelerator)
     return trainer.run()
 

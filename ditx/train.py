@@ -150,6 +150,11 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+def first_stage_pending(recipe: Recipe) -> bool:
+    """A two-stage recipe (``autoencoder_train.first_stage``) whose autoencoder is not trained yet."""
+    return recipe.autoencoder_train.first_stage and not recipe.autoencoder.args.get("pretrained")
+
+
 def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A new run never writes into a folder holding an earlier one (unless ``overwrite``)."""
     from ditx import checkpoint as ckpt
@@ -232,7 +237,7 @@ class Trainer:
         from ditx.latents import maybe_cached_dataset
 
         recipe, cfg, accelerator = self.recipe, self.cfg, self.accelerator
-        if recipe.autoencoder_train.first_stage and not recipe.autoencoder.args.get("pretrained"):
+        if first_stage_pending(recipe):
             raise ValueError(
                 f"{recipe.name or 'this recipe'} is a two-stage recipe (autoencoder_train.first_stage) whose "
                 f"autoencoder is not trained yet: run it with `ditx train` or ditx.pipeline.train_recipe"
@@ -398,12 +403,13 @@ class Trainer:
         """``checkpoints/step_N`` (see ``ditx.checkpoint.save_training_state``)."""
         from ditx import checkpoint as ckpt
 
+        # what the model generates, in its model directory (ema/config.json), for sampling without the run
         shapes = {"data_shape": list(self.sampling.data_shape), "latent_shape": list(self.sampling.latent_shape),
                   "num_classes": self.parts.num_classes}  # fmt: skip
         self.last_good = ckpt.save_training_state(
             self.ckpt_root, self.step, self.accelerator, self.model, self.ema, self.optimizer, self.scheduler,
             extra={"bad_samples": self.bad_samples, "micro_step": self.micro_step, "world_size": self.world,
-                   "batches_per_epoch": self.per_epoch, **shapes},
+                   "batches_per_epoch": self.per_epoch},
             keep=self.cfg.keep_checkpoints, model_metadata=shapes,
         )  # fmt: skip
         return self.last_good

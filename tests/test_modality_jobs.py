@@ -144,7 +144,7 @@ def test_joint_image_video_training_samples_clips(tmp_path, monkeypatch):
         model={"depth": 2, "hidden_size": 32, "num_heads": 2, "layout": "spatial-temporal"},
     )
     run = train(recipe, run_dir=tmp_path / "run")
-    state = json.loads((run / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    state = json.loads((run / "checkpoints" / "step_00000002" / "ema" / "config.json").read_text())["metadata"]
     assert state["data_shape"] == [3, 4, 24, 24]  # the model generates clips; images only join training
     out = sample_from(run, num=1, out=tmp_path / "samples")
     assert len(decord.VideoReader(str(out / "sample_00000_class0.mp4"))) == 4

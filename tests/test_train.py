@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ditx import checkpoint as ckpt
+from ditx.build import build_components
 from ditx.data import Dataset
 from ditx.files import OutputExistsError
 from ditx.registry import datasets, objectives
@@ -25,10 +26,6 @@ from ditx.train import DataBudgetError, NonFiniteGradientError, NonFiniteLossErr
 def final_weights(run: Path, name="model") -> dict[str, torch.Tensor]:
     last = ckpt.list_checkpoints(run / "checkpoints")[-1]
     return load_file(str(last / "ema" / "model.safetensors" if name == "ema" else last / f"{name}.safetensors"))
-
-
-def state_shape(checkpoint: Path) -> list[int]:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["latent_shape"]
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -65,7 +62,9 @@ def test_checkpoint_holds_everything_to_resume(tiny_recipe, tmp_path):
     # the EMA is a model directory of its own: loadable without the run's config
     ema = ckpt.load_model(last / "ema")
     assert_same_weights(ema.state_dict(), final_weights(run, "ema"))
-    assert ckpt.read_model_config(last / "ema")["metadata"]["latent_shape"] == state_shape(last)
+    parts = build_components(tiny_recipe(train={"steps": 2}))  # what the checkpoint must say it generates
+    assert ckpt.read_model_config(last / "ema")["metadata"] == {
+        "data_shape": list(parts.data_shape), "latent_shape": list(parts.latent_shape), "num_classes": 10}  # fmt: skip
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["micro_step"] == 2
     opt = load_file(str(last / "optimizer.safetensors"))
