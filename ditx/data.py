@@ -1,13 +1,19 @@
 """The dataset contract, and data plumbing shared by every modality: deterministic global
-batches, bad-sample tolerance, and augmentation choices that depend only on (seed, epoch, index)."""
+batches, bad-sample tolerance, augmentation choices that depend only on (seed, epoch, index),
+and the folders, manifests and captions of file datasets."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler, default_collate
@@ -31,15 +37,20 @@ class Dataset(TorchDataset):
       random (no flips); True otherwise, where the recipe's settings decide.
 
     Items are dicts: ``"x"`` (a tensor of ``data_shape``), ``"y"`` (an int class label,
-    present in every item when ``num_classes > 0``, absent otherwise), and any other
-    tensors the autoencoder's ``training_loss`` reads (e.g. an occupancy autoencoder's
-    query points). What the core reads and calls:
+    present in every item when ``num_classes > 0``, absent otherwise), ``"caption"`` (a
+    str, present in every item when the dataset has captions, absent otherwise; a batch
+    of them collates to a list of str), and any other tensors the autoencoder's
+    ``training_loss`` reads (e.g. an occupancy autoencoder's query points). What the core
+    reads and calls:
 
     - ``data_shape``: the shape of every item's ``"x"`` (channels first), set in ``__init__``;
     - ``num_classes``: the number of classes, 0 for unconditional data;
     - ``split``: the split the dataset was built for (recorded in evaluation protocols);
     - ``sample_shape``: what a trained model generates, when items hold more than one
       sample (e.g. a clip and extra image frames for joint training); None means ``data_shape``;
+    - ``captions``: every item's caption in item order (``captions[i] == self[i]["caption"]``),
+      or None when items carry none; a dataset with captions also puts a fingerprint of
+      them in ``cache_key()`` (see :func:`captions_fingerprint`);
     - ``set_epoch(epoch)``: called before each epoch, for per-epoch augmentation;
     - ``cache_key()``: a JSON-able description of what the items depend on beyond the
       recipe's arguments (for folders: each file's path, size and time), part of a latent
@@ -54,6 +65,7 @@ class Dataset(TorchDataset):
     num_classes: int = 0
     split: str = "train"
     sample_shape: tuple[int, ...] | None = None
+    captions: list[str] | None = None  # a class attribute here; file datasets make it a property
 
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch; nothing to do without per-epoch augmentation."""
@@ -136,6 +148,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 # Folders of data files (images, clips, meshes): one way to find them and their classes
 # --------------------------------------------------------------------------------------
 
+CAPTION_SUFFIX = ".txt"  # a data file's caption: name.txt next to name.png (never a data file itself)
+
 
 def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
     """A visible file name ending in one of ``extensions`` (lower case, without dots)."""
@@ -200,3 +214,227 @@ def scan_class_folders(
             f"point data.root at a folder of {noun} or set data.extensions"
         )
     return files, labels, classes
+
+
+def data_extensions(extensions: Iterable[str] | str, dataset: str) -> tuple[str, ...]:
+    """``extensions`` as lower-case names without dots, duplicates dropped; never ``txt``, the caption sidecars'."""
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    exts = tuple(dict.fromkeys(str(e).lower().lstrip(".") for e in extensions if str(e).strip(".")))
+    if not exts:
+        raise ValueError(f"{dataset} extensions must name at least one file type, got {extensions!r}")
+    if CAPTION_SUFFIX.lstrip(".") in exts:
+        raise ValueError(
+            f"{dataset} extensions must not include {CAPTION_SUFFIX.lstrip('.')!r}: {CAPTION_SUFFIX} files next to "
+            f"data files are their captions, never data; got {list(extensions)!r}"
+        )
+    return exts
+
+
+class PackedStrings(Sequence):
+    """Strings as one byte buffer and end offsets, read as a sequence of str.
+
+    DataLoader workers read it without the copy-on-write growth that a list of millions
+    of Python strings causes (touching a str touches its reference count, which copies
+    the page), and without fixed-width padding. File names that are not UTF-8 round-trip
+    (``surrogateescape``, as ``os.fsencode``).
+    """
+
+    def __init__(self, strings: Iterable[str]):
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        index = range(len(self))[index]  # negative indices; IndexError past the end
+        start = self._ends[index - 1] if index > 0 else 0
+        return self._bytes[start : self._ends[index]].tobytes().decode("utf-8", "surrogateescape")
+
+
+# --------------------------------------------------------------------------------------
+# Manifests: a list of files (and their labels and captions) instead of a folder
+# --------------------------------------------------------------------------------------
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+def is_manifest(path: Path) -> bool:
+    """Whether ``path`` is a manifest file (``.csv`` or ``.jsonl``) rather than a folder."""
+    return path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES
+
+
+def manifest_rows(path: Path, dataset: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a ``.csv`` (header ``path,label[,caption]``) or ``.jsonl`` manifest.
+
+    ``dataset`` (e.g. "video-folder") names the manifest in errors; every row must have a ``path``.
+    """
+    rows = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = [(name or "").strip() for name in reader.fieldnames or []]
+            if "path" not in fields:
+                raise ValueError(
+                    f"{dataset} manifest {str(path)!r} needs a header row with a 'path' column "
+                    f"(path,label[,caption]), got columns {fields}"
+                )
+            reader.fieldnames = fields
+            for row in reader:
+                rows.append((reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}))
+    else:
+        with open(path, encoding="utf-8") as f:
+            for line_num, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{dataset} manifest {str(path)!r} line {line_num} is not JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{dataset} manifest {str(path)!r} line {line_num} must be a JSON object, got {row!r}"
+                    )
+                rows.append((line_num, row))
+    for line_num, row in rows:
+        if not isinstance(row.get("path"), str) or not row["path"]:
+            raise ValueError(f"{dataset} manifest {str(path)!r} line {line_num} has no 'path': {row!r}")
+    return rows
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def manifest_labels(path: Path, rows: list[tuple[int, dict[str, Any]]], dataset: str) -> tuple[list[int], list[str]]:
+    """Labels (-1 each when no row has one) and class names of a manifest's rows.
+
+    Integer labels (JSON ints, or digit strings in every row) are class indices, with
+    classes ``"0" .. str(max)``; names are mapped through their sorted unique set.
+    """
+    raw = [row.get("label") for _, row in rows]
+    if all(_missing(v) for v in raw):
+        return [-1] * len(rows), []
+    for (line_num, _), v in zip(rows, raw):
+        if _missing(v):
+            raise ValueError(
+                f"{dataset} manifest {str(path)!r} line {line_num} has no label while other lines do; "
+                f"label every item or none (unconditional)"
+            )
+    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and re.fullmatch(r"-?\d+", v)
+           for v in raw):  # fmt: skip
+        labels = [int(v) for v in raw]
+        bad = [(line_num, y) for (line_num, _), y in zip(rows, labels) if y < 0]
+        if bad:
+            raise ValueError(f"{dataset} manifest {str(path)!r} line {bad[0][0]}: label {bad[0][1]} is negative")
+        return labels, [str(i) for i in range(max(labels) + 1)]
+    not_names = [(line_num, v) for (line_num, _), v in zip(rows, raw) if not isinstance(v, str)]
+    if not_names:
+        raise ValueError(
+            f"{dataset} manifest {str(path)!r} line {not_names[0][0]}: label {not_names[0][1]!r} is not a name while "
+            f"other labels are; use class names everywhere or integer class indices everywhere"
+        )
+    classes = sorted(set(raw))
+    to_idx = {c: i for i, c in enumerate(classes)}
+    return [to_idx[v] for v in raw], classes
+
+
+def read_manifest(path: Path, dataset: str, noun: str) -> tuple[list[str], list[int], list[str], list[str] | None]:
+    """(absolute paths, labels (-1 when unlabelled), class names, captions or None) of a manifest.
+
+    Paths are relative to the manifest's folder, or absolute; ``~`` expands. Captions are
+    the ``caption`` column (or key), all or none (see :func:`all_or_no_captions`).
+    ``dataset`` and ``noun`` (e.g. "video-folder", "videos") name things in the errors.
+    """
+    rows = manifest_rows(path, dataset)
+    if not rows:
+        raise FileNotFoundError(f"{dataset} manifest {str(path)!r} lists no {noun}")
+    base = path.parent
+    paths = [str(base / os.path.expanduser(row["path"])) for _, row in rows]  # an absolute path replaces base
+    labels, classes = manifest_labels(path, rows, dataset)
+    found = []
+    for line_num, row in rows:
+        caption = row.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise ValueError(f"{dataset} manifest {str(path)!r} line {line_num}: caption {caption!r} is not a string")
+        found.append(None if _missing(caption) else caption.strip())
+    return paths, labels, classes, all_or_no_captions(path, paths, found, dataset, noun)
+
+
+# --------------------------------------------------------------------------------------
+# Captions: a manifest's caption column, or a sidecar name.txt next to each data file
+# --------------------------------------------------------------------------------------
+
+
+def sidecar_captions(paths: Iterable[str | os.PathLike]) -> list[str | None]:
+    """Each data file's caption: the text of the file with its stem and ``.txt`` next to it
+    (``clip_001.mp4`` -> ``clip_001.txt``), UTF-8, stripped; None when there is none or it is empty.
+
+    Each folder is listed once (no ``stat`` per file), so a folder without captions costs
+    one directory listing.
+    """
+    listings: dict[Path, set[str]] = {}
+    captions: list[str | None] = []
+    for path in paths:
+        path = Path(path)
+        folder, name = path.parent, path.stem + CAPTION_SUFFIX
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder))
+            except OSError:
+                listings[folder] = set()
+        if name not in listings[folder]:
+            captions.append(None)
+            continue
+        try:
+            text = (folder / name).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"caption file {str(folder / name)!r} is not UTF-8 text: {e}") from None
+        captions.append(text or None)
+    return captions
+
+
+def all_or_no_captions(
+    root: Path, paths: Sequence[str], captions: Sequence[str | None], dataset: str, noun: str
+) -> list[str] | None:
+    """``captions`` when every item has one, None when none has; a ValueError when some lack one.
+
+    ``root`` is the folder or the manifest the items come from (a manifest's captions are
+    its ``caption`` column, a folder's the sidecar ``.txt`` files); ``paths`` the items'
+    files, for the error; ``dataset`` and ``noun`` name things in it.
+    """
+    lacking = [p for p, c in zip(paths, captions) if c is None]
+    if not lacking:
+        return list(captions)
+    if len(lacking) == len(captions):
+        return None
+    have = len(captions) - len(lacking)
+    if root.is_file():  # a manifest
+        fix = (
+            "fill the 'caption' column (or key) of every row (an empty caption counts as missing), "
+            "or remove the captions to train without them"
+        )
+    else:
+        example = Path(lacking[0]).with_suffix(CAPTION_SUFFIX).name
+        fix = (
+            f"add the missing captions (a non-empty UTF-8 {CAPTION_SUFFIX} file next to each file with the same "
+            f"name, e.g. {example!r}), or remove the {CAPTION_SUFFIX} files to train without captions"
+        )
+    raise ValueError(
+        f"{dataset} {str(root)!r}: {have} of {len(captions)} {noun} {'has' if have == 1 else 'have'} a caption, "
+        f"{len(lacking)} {'has' if len(lacking) == 1 else 'have'} none (the first without one: {str(lacking[0])!r}); "
+        f"every item needs a caption, or none does: {fix}"
+    )
+
+
+def captions_fingerprint(captions: Iterable[str]) -> str:
+    """SHA-256 over ``captions`` in order: part of a captioned dataset's ``cache_key()``, so
+    changing, adding or reordering a caption makes a latent cache holding them stale."""
+    digest = hashlib.sha256()
+    for caption in captions:
+        digest.update(caption.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()

@@ -174,8 +174,8 @@ def test_a_csv_manifest_with_names_and_captions(tmp_path, cache):
     assert batch["caption"] == ["a person walks", "a jump"]
 
     manifest.write_text("path,label,caption\na.mp4,walk,a person walks\nb.mp4,jump,\n")
-    ds = VideoFolderDataset(str(manifest), num_frames=4, size=8, cache_dir=cache)
-    assert "caption" not in ds[0] and "caption" not in ds[1]  # only when every video has one
+    with pytest.raises(ValueError, match=r"train.csv.*1 of 2 videos has a caption, 1 has none.*b.mp4"):  # all or none
+        VideoFolderDataset(str(manifest), num_frames=4, size=8, cache_dir=cache)
 
 
 def test_a_jsonl_manifest_with_integer_labels_or_none(tmp_path, cache):

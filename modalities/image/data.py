@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,21 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ditx.data import SPLITS, Dataset, deterministic_choice, has_extension, scan_class_folders
+from ditx.data import (
+    MANIFEST_SUFFIXES,
+    SPLITS,
+    Dataset,
+    PackedStrings,
+    all_or_no_captions,
+    captions_fingerprint,
+    data_extensions,
+    deterministic_choice,
+    has_extension,
+    is_manifest,
+    read_manifest,
+    scan_class_folders,
+    sidecar_captions,
+)
 from ditx.files import files_fingerprint
 
 logger = logging.getLogger("ditx.image")
@@ -117,22 +130,32 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """A folder of images on disk, center-cropped to ``size``×``size`` (DiT/ADM preprocessing).
+    """A folder (or a manifest) of images on disk, center-cropped to ``size``×``size`` (DiT/ADM preprocessing).
 
-    Two layouts:
+    Sources (``root``):
 
     - **class folders** (ImageNet style) ``root/<class>/**/*.jpg``: labels are the sorted
       class-folder names (``classes``, ``class_to_idx``); files are found recursively in
       each class folder.
     - **flat** ``root/**/*.png``: every image under ``root``, unconditional (no ``"y"``,
       ``num_classes == 0``).
+    - a **manifest** ``.csv`` (header ``path,label[,caption]``) or ``.jsonl``
+      (``{"path": ..., "label": ..., "caption": ...}`` per line): paths relative to the
+      manifest's folder or absolute; labels are class names (mapped through their sorted
+      set) or integer class indices, or absent in every row (unconditional).
 
-    ``class_folders=None`` picks the layout: class folders when ``root`` holds no images
+    ``class_folders=None`` picks the folder layout: class folders when ``root`` holds no images
     itself and at least two sub-folders hold images; flat otherwise. Hidden files and
     folders (``.name``) are ignored; files are sorted, so the index of an image depends
     only on the folder's contents.
 
-    Items are ``{"x": (3, size, size) float in [-1, 1], "y": label}``. The horizontal
+    Captions: a manifest's ``caption`` column (or key), or in a folder a sidecar text file
+    next to each image with its name (``cat.png`` -> ``cat.txt``, UTF-8). Every image has a
+    non-empty caption, or none does; some without is a ValueError naming the first (see
+    ``ditx.data.all_or_no_captions``). ``captions`` lists them in item order.
+
+    Items are ``{"x": (3, size, size) float in [-1, 1], "y": label}``, and ``"caption"`` (a
+    str) when the images have captions. The horizontal
     flip of item ``i`` is decided by ``(seed, epoch, i)`` alone, so it is the same in every
     worker, process and resumed run. Images are opened in ``__getitem__`` (works with
     DataLoader workers); EXIF orientation is applied; grey, RGBA and palette images become
@@ -157,25 +180,33 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"image-folder split must be one of {', '.join(SPLITS)}, got {split!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"image-folder size must be a positive integer, got {size!r}")
-        if isinstance(extensions, str):
-            extensions = [extensions]
-        exts = tuple(dict.fromkeys(str(e).lower().lstrip(".") for e in extensions if str(e).strip(".")))
-        if not exts:
-            raise ValueError(f"image-folder extensions must name at least one file type, got {extensions!r}")
+        exts = data_extensions(extensions, "image-folder")
         self.root = Path(root).expanduser().absolute()  # absolute paths in errors, whatever the cwd
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image-folder root {str(self.root)!r} is not a directory (set data.root=...)")
         self.size, self.seed, self.extensions, self.split = size, seed, exts, split
         self.flip = flip and augment  # the metrics' reference (augment=False) is never flipped
         self.epoch = 0
 
-        files, labels, self.classes = self._scan(class_folders)
-        # Paths relative to root, packed into one byte buffer with offsets, and labels as an
-        # array: DataLoader workers read them without the copy-on-write growth that a list
-        # of 1.28M Python strings (ImageNet) causes, and without fixed-width padding.
-        encoded = [os.fsencode(f) for f in files]
-        self._path_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self._path_ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        if is_manifest(self.root):
+            self._folder = self.root.parent  # what relative paths are relative to
+            paths, labels, self.classes, captions = read_manifest(self.root, "image-folder", "images")
+            files = [str(Path(p).relative_to(self._folder)) if Path(p).is_relative_to(self._folder) else p
+                     for p in paths]  # fmt: skip
+        elif self.root.is_dir():
+            self._folder = self.root
+            files, labels, self.classes = self._scan(class_folders)
+            captions = sidecar_captions(self.root / f for f in files)
+            captions = all_or_no_captions(self.root, files, captions, "image-folder", "images")
+        else:
+            missing = "" if self.root.exists() else " (it does not exist)"
+            raise FileNotFoundError(
+                f"image-folder root {str(self.root)!r} is not a directory or a manifest "
+                f"({', '.join(MANIFEST_SUFFIXES)}){missing}; set data.root=... to a folder of images or a manifest"
+            )
+        # Paths relative to the folder (absolute where a manifest says so) and captions, packed
+        # into byte buffers, and labels as an array: DataLoader workers read them without the
+        # copy-on-write growth that a list of 1.28M Python strings (ImageNet) causes.
+        self._paths = PackedStrings(files)
+        self._captions = PackedStrings(captions) if captions is not None else None
         self._labels = np.array(labels, dtype=np.int64)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.num_classes = len(self.classes)
@@ -204,11 +235,14 @@ class ImageFolderDataset(Dataset):
         """``(path, label)`` per item (label -1 for a flat folder), as torchvision's ``ImageFolder``."""
         return [(self.path(i), int(y)) for i, y in enumerate(self._labels)]
 
+    @property
+    def captions(self) -> list[str] | None:
+        """Every item's caption in item order, or None when the images have none."""
+        return None if self._captions is None else list(self._captions)
+
     def path(self, index: int) -> str:
         """The file of item ``index``."""
-        index = range(len(self))[index]  # negative indices; IndexError past the end
-        start = self._path_ends[index - 1] if index > 0 else 0
-        return str(self.root / os.fsdecode(self._path_bytes[start : self._path_ends[index]].tobytes()))
+        return str(self._folder / self._paths[index])  # an absolute path replaces the folder
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -224,26 +258,34 @@ class ImageFolderDataset(Dataset):
             raise OSError(f"cannot read image {path}: {e}") from e
         return np.array(center_crop_image(image, self.size))  # (S, S, 3) uint8, writable
 
-    def _item(self, index: int, pixels: np.ndarray, flip: bool) -> dict[str, Tensor | int]:
+    def _item(self, index: int, pixels: np.ndarray, flip: bool) -> dict[str, Tensor | int | str]:
         if flip:
             pixels = pixels[:, ::-1]
         x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, S, S)
-        return {"x": x, "y": int(self._labels[index])} if self.num_classes else {"x": x}
+        item: dict[str, Tensor | int | str] = {"x": x}
+        if self.num_classes:
+            item["y"] = int(self._labels[index])
+        if self._captions is not None:
+            item["caption"] = self._captions[index]
+        return item
 
-    def cache_variants(self, index: int) -> list[dict[str, Tensor | int]]:
+    def cache_variants(self, index: int) -> list[dict[str, Tensor | int | str]]:
         """What a latent cache stores per item: the image, and its mirror when flipping is on."""
         pixels = self.load(index)
         variants = [self._item(index, pixels, False)]
         return variants + [self._item(index, pixels, True)] if self.flip else variants
 
     def cache_key(self) -> dict:
-        return {
+        key = {
             "root": str(self.root.resolve()), "num_files": len(self), "num_classes": self.num_classes,
             "size": self.size, "flip": self.flip, "crop": "center-adm",
             "files": files_fingerprint(self.root, (self.path(i) for i in range(len(self)))),
         }  # fmt: skip
+        if self._captions is not None:
+            key["captions"] = captions_fingerprint(self._captions)
+        return key
 
-    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, Tensor | int | str]:
         flip = self.flip and deterministic_choice(self.seed, self.epoch, index) == 1
         return self._item(index, self.load(index), flip)
 

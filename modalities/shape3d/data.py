@@ -19,7 +19,18 @@ from ditx.modalities.shape3d.mesh import (
 from ditx.modalities.shape3d.primitives import write_primitives
 from torch import Tensor
 
-from ditx.data import Dataset, files_under, has_extension
+from ditx.data import (
+    MANIFEST_SUFFIXES,
+    Dataset,
+    PackedStrings,
+    all_or_no_captions,
+    captions_fingerprint,
+    files_under,
+    has_extension,
+    is_manifest,
+    read_manifest,
+    sidecar_captions,
+)
 from ditx.files import ditx_cache_dir, files_fingerprint
 
 __all__ = ["ShapeFolderDataset", "PrimitivesDataset", "held_out"]
@@ -35,15 +46,20 @@ def held_out(relative_path: str, test_fraction: float) -> bool:
 
 
 class ShapeFolderDataset(Dataset):
-    """A folder of mesh files (OBJ, PLY, STL, OFF, GLB, GLTF), sampled once into the cache.
+    """A folder (or a manifest) of mesh files (OBJ, PLY, STL, OFF, GLB, GLTF), sampled once into the cache.
 
-    Layouts:
+    Sources (``root``):
 
     - **class folders** (ShapeNet style) ``root/<category>/**/*.obj``: labels are the
       sorted category names (``classes``, ``class_to_idx``), items have ``"y"``.
     - **flat** ``root/**/*.ply``: unconditional (``num_classes == 0``, no ``"y"``).
     - either of the above inside ``root/train`` and ``root/test`` (what ``write_primitives``
       writes): then ``split`` picks the sub-folder and classes come from both.
+    - a **manifest** ``.csv`` (header ``path,label[,caption]``) or ``.jsonl``
+      (``{"path": ..., "label": ..., "caption": ...}`` per line): paths relative to the
+      manifest's folder or absolute; labels are class names (mapped through their sorted
+      set) or integer class indices, or absent in every row (unconditional); ``split`` is
+      the held-out partition below, by each path relative to the manifest's folder.
 
     ``class_folders=None`` picks class folders when a folder holds no mesh itself and at
     least two sub-folders do. Without ``train``/``test`` sub-folders, ``split``
@@ -52,6 +68,11 @@ class ShapeFolderDataset(Dataset):
     are test, train and test never overlap, and a file is in the same split on every
     machine and run.
 
+    Captions: a manifest's ``caption`` column (or key), or in a folder a sidecar text file
+    next to each mesh with its name (``chair.obj`` -> ``chair.txt``, UTF-8). Every item has a
+    non-empty caption, or none does; some without is a ValueError naming the first (see
+    ``ditx.data.all_or_no_captions``). ``captions`` lists them in item order.
+
     Every file is sampled at construction by ``preprocess_folder`` (``num_workers``
     processes, ``SampleSettings`` from the keyword arguments, cached in ``cache_dir``).
     Files that fail to load are logged with their path and left out: ``failures`` lists
@@ -59,7 +80,8 @@ class ShapeFolderDataset(Dataset):
 
     Items are float32 tensors ``x`` = ``surface`` (n_surface, 3), ``normals`` (n_surface, 3),
     ``points`` (n_query, 3) and ``occupancy`` (n_query,) in {0, 1} (the volume points, then
-    the near-surface points: ``n_query = n_volume + n_near``), plus ``y`` with classes.
+    the near-surface points: ``n_query = n_volume + n_near``), plus ``y`` with classes and
+    ``caption`` (a str) with captions.
     ``query_size`` instead draws that many query points per item without replacement, fixed
     by ``(seed, epoch, index)`` (``set_epoch``), the same in every worker and resumed run.
     ``volume_points`` (uniform_points, 3) and ``volume_occupancy`` are a fixed uniform subset
@@ -105,22 +127,34 @@ class ShapeFolderDataset(Dataset):
         if query_size is not None and not 1 <= query_size <= n_query:
             raise ValueError(f"shape-folder query_size must be in [1, n_volume + n_near = {n_query}], got {query_size}")
         self.root = Path(root).expanduser().absolute()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"shape-folder root {str(self.root)!r} is not a directory (set data.root=...)")
+        manifest = is_manifest(self.root)
+        if not manifest and not self.root.is_dir():
+            missing = "" if self.root.exists() else " (it does not exist)"
+            raise FileNotFoundError(
+                f"shape-folder root {str(self.root)!r} is not a directory or a manifest "
+                f"({', '.join(MANIFEST_SUFFIXES)}){missing}; set data.root=... to a folder of meshes or a manifest"
+            )
+        self.folder = self.root.parent if manifest else self.root  # what ``files`` are relative to
         self.split, self.test_fraction, self.extensions = split, test_fraction, exts
         self.query_size, self.seed, self.epoch = query_size, seed, 0
         self.uniform_points = uniform_points
         self.cache_dir = Path(cache_dir) if cache_dir is not None else ditx_cache_dir("shape3d-samples")
 
-        files, labels, self.classes = self._scan(class_folders)
+        if manifest:
+            files, labels, self.classes, captions = self._read_manifest()
+        else:
+            files, labels, self.classes = self._scan(class_folders)
+            captions = sidecar_captions(self.root / f for f in files)
+            captions = all_or_no_captions(self.root, files, captions, "shape-folder", "meshes")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.num_classes = len(self.classes)
-        report = preprocess_folder([self.root / f for f in files], self.settings, self.cache_dir, num_workers)
+        report = preprocess_folder([self.folder / f for f in files], self.settings, self.cache_dir, num_workers)
         self.failures = report.failures
-        good = [i for i, f in enumerate(files) if str(self.root / f) in report.cache_files]
-        self.files = [files[i] for i in good]  # relative to root
+        good = [i for i, f in enumerate(files) if str(self.folder / f) in report.cache_files]
+        self.files = [files[i] for i in good]  # relative to folder (absolute where a manifest says so)
         self._labels = np.array([labels[i] for i in good], dtype=np.int64)
-        self._cache_files = [report.cache_files[str(self.root / files[i])] for i in good]
+        self._captions = PackedStrings(captions[i] for i in good) if captions is not None else None
+        self._cache_files = [report.cache_files[str(self.folder / files[i])] for i in good]
         self.stats = {"files": len(files), "failed": len(report.failures), "computed": report.computed,
                       "items": len(good)}  # fmt: skip
         if not good:
@@ -202,14 +236,37 @@ class ShapeFolderDataset(Dataset):
             )
         return files, labels, classes
 
+    def _read_manifest(self) -> tuple[list[str], list[int], list[str], list[str] | None]:
+        """(paths relative to the manifest's folder or absolute, labels (-1 when unlabelled), class names,
+        captions or None) of this split of a manifest."""
+        paths, labels, classes, captions = read_manifest(self.root, "shape-folder", "meshes")
+        files = [Path(p).relative_to(self.folder).as_posix() if Path(p).is_relative_to(self.folder) else p
+                 for p in paths]  # fmt: skip
+        if self.split != "all":
+            keep = [held_out(f, self.test_fraction) == (self.split == "test") for f in files]
+            files = [f for f, k in zip(files, keep) if k]
+            labels = [y for y, k in zip(labels, keep) if k]
+            captions = [c for c, k in zip(captions, keep) if k] if captions is not None else None
+        if not files:
+            raise FileNotFoundError(
+                f"shape-folder manifest {str(self.root)!r} lists no meshes in split {self.split!r} "
+                f"(test_fraction {self.test_fraction}); list more meshes or use split 'all'"
+            )
+        return files, labels, classes, captions
+
     # ---- items --------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def captions(self) -> list[str] | None:
+        """Every item's caption in item order, or None when the meshes have none."""
+        return None if self._captions is None else list(self._captions)
+
     def path(self, index: int) -> Path:
         """The mesh file of item ``index``."""
-        return self.root / self.files[index]
+        return self.folder / self.files[index]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -221,7 +278,7 @@ class ShapeFolderDataset(Dataset):
         except Exception as e:
             raise OSError(f"cannot read the samples of {self.path(index)} ({self._cache_files[index]}): {e}") from e
 
-    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, Tensor | int | str]:
         arrays = self.samples(index)
         points = np.concatenate([arrays["volume_points"], arrays["near_points"]])  # (n_query, 3)
         occ = np.concatenate([arrays["volume_occupancy"], arrays["near_occupancy"]]).astype(np.float32)
@@ -229,7 +286,7 @@ class ShapeFolderDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             pick = rng.choice(len(points), size=self.query_size, replace=False)
             points, occ = points[pick], occ[pick]
-        item: dict[str, Tensor | int] = {
+        item: dict[str, Tensor | int | str] = {
             "x": torch.from_numpy(arrays["surface"]),  # what an autoencoder encodes (data_shape)
             "surface": torch.from_numpy(arrays["surface"]),
             "normals": torch.from_numpy(arrays["normals"]),
@@ -242,12 +299,17 @@ class ShapeFolderDataset(Dataset):
             item["volume_occupancy"] = torch.from_numpy(arrays["volume_occupancy"][:n].astype(np.float32))
         if self.num_classes:
             item["y"] = int(self._labels[index])
+        if self._captions is not None:
+            item["caption"] = self._captions[index]
         return item
 
     def cache_key(self) -> dict:
-        return {"root": str(self.root.resolve()), "split": self.split, "num_files": len(self),
-                "num_classes": self.num_classes, "samples": self.settings.to_dict(),
-                "files": files_fingerprint(self.root, self.files)}  # fmt: skip
+        key = {"root": str(self.root.resolve()), "split": self.split, "num_files": len(self),
+               "num_classes": self.num_classes, "samples": self.settings.to_dict(),
+               "files": files_fingerprint(self.folder, self.files)}  # fmt: skip
+        if self._captions is not None:
+            key["captions"] = captions_fingerprint(self._captions)
+        return key
 
     def __repr__(self) -> str:
         kind = f"{self.num_classes} classes" if self.num_classes else "unconditional"

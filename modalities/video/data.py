@@ -8,11 +8,7 @@ files first, so the tiny recipe exercises exactly the path that UCF-101 takes.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,105 +25,31 @@ from ditx.modalities.video.clips import (
 )
 from torch import Tensor
 
-from ditx.data import Dataset, deterministic_choice, has_extension, scan_class_folders
+from ditx.data import (
+    MANIFEST_SUFFIXES,
+    Dataset,
+    PackedStrings,
+    all_or_no_captions,
+    captions_fingerprint,
+    data_extensions,
+    deterministic_choice,
+    has_extension,
+    is_manifest,
+    read_manifest,
+    scan_class_folders,
+    sidecar_captions,
+)
 from ditx.files import ditx_cache_dir, files_fingerprint
 
 logger = logging.getLogger("ditx.video")
 
 VIDEO_EXTENSIONS = ("avi", "mp4", "mkv", "webm", "mov")
 SPLITS = ("train", "test", "eval")
-MANIFEST_SUFFIXES = (".csv", ".jsonl")
-
-
-# --------------------------------------------------------------------------------------
-# Manifests
-# --------------------------------------------------------------------------------------
-
-
-def _manifest_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a ``.csv`` (header ``path,label[,caption]``) or ``.jsonl`` manifest."""
-    rows = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            fields = [(name or "").strip() for name in reader.fieldnames or []]
-            if "path" not in fields:
-                raise ValueError(
-                    f"video manifest {str(path)!r} needs a header row with a 'path' column (path,label[,caption]), "
-                    f"got columns {fields}"
-                )
-            reader.fieldnames = fields
-            for row in reader:
-                rows.append((reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}))
-    else:
-        with open(path, encoding="utf-8") as f:
-            for line_num, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"video manifest {str(path)!r} line {line_num} is not JSON: {e}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"video manifest {str(path)!r} line {line_num} must be a JSON object, got {row!r}")
-                rows.append((line_num, row))
-    for line_num, row in rows:
-        if not isinstance(row.get("path"), str) or not row["path"]:
-            raise ValueError(f"video manifest {str(path)!r} line {line_num} has no 'path': {row!r}")
-    return rows
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _manifest_labels(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> tuple[list[int], list[str]]:
-    """Labels (-1 each when no row has one) and class names.
-
-    Integer labels (JSON ints, or digit strings in every row) are class indices, with
-    classes ``"0" .. str(max)``; names are mapped through their sorted unique set.
-    """
-    raw = [row.get("label") for _, row in rows]
-    if all(_missing(v) for v in raw):
-        return [-1] * len(rows), []
-    for (line_num, _), v in zip(rows, raw):
-        if _missing(v):
-            raise ValueError(
-                f"video manifest {str(path)!r} line {line_num} has no label while other lines do; "
-                f"label every video or none (unconditional)"
-            )
-    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and re.fullmatch(r"-?\d+", v)
-           for v in raw):  # fmt: skip
-        labels = [int(v) for v in raw]
-        bad = [(line_num, y) for (line_num, _), y in zip(rows, labels) if y < 0]
-        if bad:
-            raise ValueError(f"video manifest {str(path)!r} line {bad[0][0]}: label {bad[0][1]} is negative")
-        return labels, [str(i) for i in range(max(labels) + 1)]
-    not_names = [(line_num, v) for (line_num, _), v in zip(rows, raw) if not isinstance(v, str)]
-    if not_names:
-        raise ValueError(
-            f"video manifest {str(path)!r} line {not_names[0][0]}: label {not_names[0][1]!r} is not a name while "
-            f"other labels are; use class names everywhere or integer class indices everywhere"
-        )
-    classes = sorted(set(raw))
-    to_idx = {c: i for i, c in enumerate(classes)}
-    return [to_idx[v] for v in raw], classes
 
 
 # --------------------------------------------------------------------------------------
 # Folders and manifests of videos
 # --------------------------------------------------------------------------------------
-
-
-def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings as one byte buffer and end offsets: read by DataLoader workers without copy-on-write growth."""
-    encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64)
-
-
-def _unpack(buffer: np.ndarray, ends: np.ndarray, index: int) -> str:
-    start = ends[index - 1] if index > 0 else 0
-    return buffer[start : ends[index]].tobytes().decode("utf-8", "surrogateescape")
 
 
 class VideoFolderDataset(Dataset):
@@ -143,12 +65,17 @@ class VideoFolderDataset(Dataset):
       manifest's folder or absolute; labels are class names (mapped through their sorted
       set) or integer class indices, or absent in every row (unconditional).
 
+    Captions: a manifest's ``caption`` column (or key), or in a folder a sidecar text file
+    next to each video with its name (``clip_001.mp4`` -> ``clip_001.txt``, UTF-8). Every
+    video has a non-empty caption, or none does; some without is a ValueError naming the
+    first (see ``ditx.data.all_or_no_captions``). ``captions`` lists them in item order.
+
     ``class_folders=None`` picks the folder layout as ``ImageFolderDataset`` does (class
     folders when ``root`` holds no videos itself and at least two sub-folders do). Hidden
     files and folders are ignored; files are sorted.
 
     Items are ``{"x": (3, num_frames, size, size) float in [-1, 1], "y": label}`` (and
-    ``"caption"`` when every manifest row has one). A clip is every ``frame_stride``-th
+    ``"caption"``: a str, when the videos have captions). A clip is every ``frame_stride``-th
     frame from a start frame; ``split="train"`` draws the start with
     ``deterministic_choice(seed, epoch, index, n)``, the same in every worker, process
     and resumed run; ``"test"``/``"eval"`` take the centred clip. ``augment=False`` (the
@@ -208,11 +135,7 @@ class VideoFolderDataset(Dataset):
         if decode_size is not None and (isinstance(decode_size, bool) or not isinstance(decode_size, int)
                                         or decode_size < size):  # fmt: skip
             raise ValueError(f"{name} decode_size must be null or an integer >= size ({size}), got {decode_size!r}")
-        if isinstance(extensions, str):
-            extensions = [extensions]
-        exts = tuple(dict.fromkeys(str(e).lower().lstrip(".") for e in extensions if str(e).strip(".")))
-        if not exts:
-            raise ValueError(f"{name} extensions must name at least one file type, got {extensions!r}")
+        exts = data_extensions(extensions, name)
         self.root = Path(root).expanduser().absolute()  # absolute paths in errors, whatever the cwd
         self.num_frames, self.frame_stride, self.size = num_frames, frame_stride, size
         self.flip = flip and augment  # the metrics' reference (augment=False) is never flipped
@@ -223,11 +146,11 @@ class VideoFolderDataset(Dataset):
         self.image_frames = image_frames
         self.epoch = 0
 
-        if self.root.is_file() and self.root.suffix.lower() in MANIFEST_SUFFIXES:
-            paths, labels, self.classes, captions = self._read_manifest()
+        if is_manifest(self.root):
+            paths, labels, self.classes, captions = read_manifest(self.root, name, "videos")
         elif self.root.is_dir():
             paths, labels, self.classes = self._scan(class_folders)
-            captions = None
+            captions = all_or_no_captions(self.root, paths, sidecar_captions(paths), name, "videos")
         else:
             kind = "a file that is not a manifest" if self.root.exists() else "missing"
             raise FileNotFoundError(
@@ -257,11 +180,11 @@ class VideoFolderDataset(Dataset):
                 f"({len(unreadable)} unreadable, {skipped} shorter than {span} frames with short_policy 'skip'); "
                 f"check the files, or lower num_frames/frame_stride, or use short_policy 'loop'"
             )
-        self._path_bytes, self._path_ends = _pack([paths[i] for i in keep])
+        self._paths = PackedStrings(paths[i] for i in keep)
         self._labels = np.array([labels[i] for i in keep], dtype=np.int64)
         self._frames = np.array([infos[i]["frames"] for i in keep], dtype=np.int64)
         self._hw = np.array([(infos[i]["height"], infos[i]["width"]) for i in keep], dtype=np.int64).reshape(-1, 2)
-        self._captions = _pack([captions[i] for i in keep]) if captions is not None else None
+        self._captions = PackedStrings(captions[i] for i in keep) if captions is not None else None
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.num_classes = len(self.classes)
         self.sample_shape = (3, num_frames, size, size)  # what a trained model generates
@@ -287,22 +210,6 @@ class VideoFolderDataset(Dataset):
         )
         return [str(self.root / f) for f in files], labels, classes
 
-    def _read_manifest(self) -> tuple[list[str], list[int], list[str], list[str] | None]:
-        """(absolute paths, labels (-1 when unlabelled), class names, captions or None) of a manifest."""
-        rows = _manifest_rows(self.root)
-        if not rows:
-            raise FileNotFoundError(f"video manifest {str(self.root)!r} lists no videos")
-        base = self.root.parent
-        paths = [str(base / os.path.expanduser(row["path"])) for _, row in rows]  # an absolute path replaces base
-        labels, classes = _manifest_labels(self.root, rows)
-        raw = [row.get("caption") for _, row in rows]
-        captions = None
-        if all(isinstance(c, str) and c.strip() for c in raw):
-            captions = [c.strip() for c in raw]
-        elif any(not _missing(c) for c in raw):
-            logger.warning("video manifest %s: some rows have no caption, so items carry none", self.root)
-        return paths, labels, classes, captions
-
     # ---- items --------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -310,12 +217,17 @@ class VideoFolderDataset(Dataset):
 
     def path(self, index: int) -> str:
         """The file of item ``index``."""
-        return _unpack(self._path_bytes, self._path_ends, range(len(self))[index])
+        return self._paths[index]
 
     @property
     def samples(self) -> list[tuple[str, int]]:
         """``(path, label)`` per item (label -1 when unconditional), as torchvision's ``ImageFolder``."""
         return [(self.path(i), int(y)) for i, y in enumerate(self._labels)]
+
+    @property
+    def captions(self) -> list[str] | None:
+        """Every item's caption in item order, or None when the videos have none."""
+        return None if self._captions is None else list(self._captions)
 
     def num_video_frames(self, index: int) -> int:
         """The length of item ``index``'s video, as read when the dataset was built."""
@@ -373,7 +285,7 @@ class VideoFolderDataset(Dataset):
         if self.num_classes:
             item["y"] = int(self._labels[index])
         if self._captions is not None:
-            item["caption"] = _unpack(*self._captions, index)
+            item["caption"] = self._captions[index]
         return item
 
     def cache_variants(self, index: int) -> list[dict[str, Any]]:
@@ -393,13 +305,16 @@ class VideoFolderDataset(Dataset):
 
     def cache_key(self) -> dict:
         # no split: a cache holds centred clips whatever the split (the crop it trains with is not cached)
-        return {
+        key = {
             "root": str(self.root.resolve()), "num_files": len(self), "num_classes": self.num_classes,
             "size": self.size, "num_frames": self.num_frames, "frame_stride": self.frame_stride, "flip": self.flip,
             "short_policy": self.short_policy, "decode_size": self.decode_size,
             "crop": "short-side-bilinear-antialias-center", "temporal_crop": "center",
             "files": files_fingerprint(self.root, (self.path(i) for i in range(len(self)))),
         }  # fmt: skip
+        if self._captions is not None:
+            key["captions"] = captions_fingerprint(self._captions)
+        return key
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self))[index]
