@@ -25,8 +25,9 @@ from ditx.data import Dataset
 from ditx.dit import DiT, build_dit
 from ditx.metrics import Metric
 from ditx.recipe import Recipe, load_recipe
-from ditx.registry import autoencoders, datasets, objectives
+from ditx.registry import autoencoders, datasets, objectives, text_encoders
 from ditx.registry import metrics as metric_registry
+from ditx.text import TextEncoder
 
 
 @dataclass
@@ -46,13 +47,29 @@ class Components:
     sample_latent_shape: tuple[int, ...] | None = None
     source: Path | None = None  # the checkpoint the weights were loaded from, if any
     _model: DiT | None = None
+    _text: TextEncoder | None = None
 
     @property
     def model(self) -> DiT:
         """The recipe's DiT, randomly initialized on first use, unless weights were set."""
         if self._model is None:
-            self._model = build_model(self.recipe, self.latent_shape, self.num_classes, self.objective)
+            self._model = build_model(self.recipe, self.latent_shape, self.num_classes, self.objective,
+                                      self.text_encoder)  # fmt: skip
         return self._model
+
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        """The recipe's text encoder, built (frozen) on first use; None for a recipe without text.
+
+        Training from a latent cache sets a :class:`ditx.text.CaptionTable` here instead, so
+        the encoder itself is never loaded."""
+        if self._text is None and self.recipe.text_encoder is not None:
+            self._text = build_text_encoder(self.recipe)
+        return self._text
+
+    @text_encoder.setter
+    def text_encoder(self, encoder: TextEncoder | None) -> None:
+        self._text = encoder
 
     @model.setter
     def model(self, model: DiT) -> None:
@@ -87,6 +104,19 @@ def build_autoencoder(recipe: Recipe) -> Autoencoder:
     return _built(built, Autoencoder, "autoencoder", recipe.autoencoder.name)
 
 
+def build_text_encoder(recipe: Recipe) -> TextEncoder:
+    """The recipe's text encoder (see :class:`ditx.text.TextEncoder`), frozen.
+
+    Built under a forked RNG: loading it never changes the random state the DiT is
+    initialised from, so a recipe initialises alike with its encoder loaded or cached."""
+    component = recipe.text_encoder
+    if component is None:
+        raise ValueError(f"{recipe.name or 'the recipe'} has no text_encoder section")
+    with torch.random.fork_rng(devices=[]):
+        built = text_encoders.build(component.name, **component.args)
+    return _built(built, TextEncoder, "text_encoder", component.name).eval().requires_grad_(False)
+
+
 def _built(obj: Any, contract: type, kind: str, name: str) -> Any:
     """``obj`` when it follows ``contract`` (a class of the core), else an error saying what to do."""
     if not isinstance(obj, contract):
@@ -98,8 +128,19 @@ def _built(obj: Any, contract: type, kind: str, name: str) -> Any:
     return obj
 
 
-def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int, objective: Any) -> DiT:
+def build_model(
+    recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int, objective: Any, text: TextEncoder | None = None
+) -> DiT:
+    """The recipe's DiT for data of ``latent_shape``; with a text encoder, cross-attention over its
+    tokens (``context_dim``) and, when it has one and ``model.pooled_text``, its pooled embedding."""
     m = recipe.model
+    context_dim, pooled_dim = m.context_dim, None
+    if text is not None:
+        if context_dim is not None and context_dim != text.dim:
+            raise ValueError(f"model.context_dim={context_dim} disagrees with the text encoder's width {text.dim}; "
+                             f"leave model.context_dim unset to take the encoder's")  # fmt: skip
+        context_dim = text.dim
+        pooled_dim = text.pooled_dim if m.pooled_text else None
     in_channels = latent_shape[0]
     tokenizer = recipe.tokenizer.to_dict()
     tokenizer.setdefault("in_channels", in_channels)
@@ -113,7 +154,8 @@ def build_model(recipe: Recipe, latent_shape: tuple[int, ...], num_classes: int,
         mlp_ratio=m.mlp_ratio,
         layout=m.layout,
         attention_backend=m.attention_backend,
-        context_dim=m.context_dim,
+        context_dim=context_dim,
+        pooled_dim=pooled_dim,
         **sizes,
     )
     model.enable_gradient_checkpointing(m.gradient_checkpointing)
@@ -223,7 +265,8 @@ def _with_model(recipe: Recipe, model_dir: Path, weights: Path | None, check: bo
     model = ckpt.load_model(model_dir, weights=weights, attention_backend=recipe.model.attention_backend)
     if check:
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialized for real
-            expected = build_model(recipe, parts.latent_shape, parts.num_classes, parts.objective)
+            expected = build_model(recipe, parts.latent_shape, parts.num_classes, parts.objective,
+                                   parts.text_encoder)  # fmt: skip
         _check_same_architecture(expected, model, model_dir)
     parts.model = model
     _resize(parts, metadata.get("data_shape"))

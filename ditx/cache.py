@@ -89,6 +89,7 @@ def cache_latents(
         kind, got = "latent cache", json.loads(index_path.read_text()).get("fingerprint")
         if got == fp:
             logger.info("latent cache %s is complete and matches the recipe", out)
+            _cache_captions(recipe, out, device)
             return out
     elif progress_path.is_file():  # an interrupted run: resumed when its settings are the same
         kind, got = "partial latent cache", json.loads(progress_path.read_text())
@@ -111,7 +112,7 @@ def cache_latents(
         shards.append({"file": path.name, "start": start, "count": stop - start})
         if _shard_ok(path, stop - start):
             continue  # written by an earlier, interrupted run
-        latents, labels = [], []
+        latents, labels, captions = [], [], []
         for b0 in range(start, stop, batch_size):
             items = [dataset.cache_variants(i) for i in range(b0, min(b0 + batch_size, stop))]
             v = len(items[0])
@@ -119,11 +120,43 @@ def cache_latents(
             z = ae.encode(x).float().cpu()
             latents.append(z.reshape(len(items), v, *z.shape[1:]))
             labels.append(torch.tensor([int(variants[0].get("y", -1)) for variants in items]))
+            captions += [variants[0].get("caption") for variants in items]
+        # a shard's captions travel in its metadata, written atomically with its latents
+        metadata = {"captions": json.dumps(captions)} if all(isinstance(c, str) for c in captions) else None
         with atomic_write(path) as tmp:
-            save_file({"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels)}, str(tmp))
+            save_file({"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels)}, str(tmp),
+                      metadata=metadata)  # fmt: skip
     index = {"format": CACHE_FORMAT, "fingerprint": fp, "shards": shards,
              "variants": len(dataset.cache_variants(0))}  # fmt: skip
     with atomic_write(index_path) as tmp:
         tmp.write_text(json.dumps(index, indent=2))
     progress_path.unlink(missing_ok=True)
+    _cache_captions(recipe, out, device)
     return out
+
+
+def _cache_captions(recipe: Recipe, out: Path, device) -> None:
+    """For a text recipe: every distinct caption of the cache (and ``""``) encoded once with the
+    recipe's text encoder, in ``text-<encoder key>.safetensors`` beside the latents. Keyed by the
+    encoder's settings (``max_length`` among them) and files, so another encoder adds its own
+    file and reuses the latents; training then never runs the encoder."""
+    from ditx.build import build_text_encoder
+    from ditx.text import CaptionTable, caption_table_name, text_encoder_key
+
+    if recipe.text_encoder is None:
+        return
+    key = text_encoder_key(recipe.text_encoder)
+    path = out / caption_table_name(key)
+    if path.is_file():
+        return
+    captions = CachedLatents(out).captions
+    if captions is None:
+        raise ValueError(
+            f"{recipe.name or 'the recipe'} has a text encoder, but its dataset {recipe.data.name!r} gives no "
+            f"captions (see docs/datasets.md: a caption column in the manifest or a .txt beside each file)"
+        )
+    encoder = build_text_encoder(recipe).to(device)
+    # the recipe's preview prompts too, so training previews need no encoder either
+    wanted = captions + list(recipe.sample.prompts or []) + [recipe.sample.negative_prompt]
+    CaptionTable.build(encoder, wanted, key=key, progress=True).save(path)
+    logger.info("cached the embeddings of %d distinct captions in %s", len(set(captions)) + 1, path)

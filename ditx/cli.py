@@ -262,7 +262,9 @@ def add_sample_parser(subparsers) -> None:
         "PATH/samples/sample_<scheduler>_<steps>/; the output folder is printed at the end.",
         epilog="examples:\n"
         "  ditx sample runs/image-digits-20250101-120000 --num 40 sample.guidance_scale=4.0\n"
-        "  ditx sample out/dit-xl-2-256 --recipe my-imagenet-256.yaml --out samples/xl",
+        "  ditx sample out/dit-xl-2-256 --recipe my-imagenet-256.yaml --out samples/xl\n"
+        '  ditx sample runs/video-moving-digits-text-20250101-120000 --prompt "a 7 moving left and right" --num 4\n'
+        "  ditx sample RUN --prompts prompts.txt --negative-prompt \"blurry\" sample.guidance_scale=6",
     )
     sample.add_argument("path", type=Path, metavar="CHECKPOINT_OR_RUN", help="run, checkpoint or model directory")
     _add_overrides(sample)
@@ -285,6 +287,18 @@ def add_sample_parser(subparsers) -> None:
     sample.add_argument(
         "--overwrite", action="store_true", help="replace the files of an output folder that already holds some"
     )
+    sample.add_argument(
+        "--prompt", action="append", default=None, metavar="TEXT",
+        help="text recipes: a prompt to sample (repeat for more); with --num N the prompts are taken in turn",
+    )  # fmt: skip
+    sample.add_argument(
+        "--prompts", type=Path, default=None, metavar="FILE",
+        help="text recipes: prompts from a file, one per line (or a .json list), after any --prompt",
+    )  # fmt: skip
+    sample.add_argument(
+        "--negative-prompt", default=None, metavar="TEXT",
+        help="text recipes: guide away from this caption instead of the empty one (sample.negative_prompt)",
+    )  # fmt: skip
     sample.set_defaults(func=run_sample)
 
 
@@ -292,11 +306,12 @@ def run_sample(args: argparse.Namespace) -> int:
     overrides = _check_overrides(args.overrides)
     if args.num is not None and args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
-    from ditx.sample import sample_from
+    from ditx.sample import read_prompts, sample_from
 
+    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     out = sample_from(
         args.path, num=args.num, out=args.out, recipe=args.recipe, overrides=overrides, fmt=args.format,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, prompts=prompts or None, negative_prompt=args.negative_prompt,
     )
     print(out)
     return 0

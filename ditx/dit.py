@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ditx.attention import attention
-from ditx.embeddings import ContextProjection, LabelEmbedder, TimestepEmbedder
+from ditx.embeddings import ContextProjection, LabelEmbedder, PooledTextProjection, TimestepEmbedder
 from ditx.tokenizer import Grid, Tokenizer
 
 # depth, hidden size, heads (Table 1 of the DiT paper); the patch size is the "/p" suffix.
@@ -181,7 +181,11 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         kv = self.kv(context).view(b, context.shape[1], 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
-        mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        mask = None
+        if context_mask is not None:
+            keep = context_mask.bool()
+            keep = keep | ~keep.any(1, keepdim=True)  # a caption without tokens: attend to all, not to none (NaN)
+            mask = keep[:, None, None, :]  # (B, 1, 1, L)
         out = attention(q, k, v, mask=mask, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -267,11 +271,14 @@ class DiT(nn.Module):
             class ``num_classes`` with ``class_dropout_prob`` during training.
         layout: attention layout, see ``resolve_layout``.
         attention_backend: ``auto``, ``xformers``, ``sdpa`` or ``math``.
-        context_dim: width of optional context tokens, attended through cross-attention.
+        context_dim: width of optional context tokens (a text encoder's), attended through
+            cross-attention with an optional (B, L) padding mask.
+        pooled_dim: width of an optional pooled text embedding (CLIP's), projected and added
+            to the timestep condition (SD3).
         hidden_size: needed only with a tokenizer spec.
 
-    ``forward(x, t, y=None, context=None, context_mask=None)`` maps (B, C, *spatial)
-    inputs to (B, out_channels, *spatial).
+    ``forward(x, t, y=None, context=None, context_mask=None, pooled=None)`` maps
+    (B, C, *spatial) inputs to (B, out_channels, *spatial).
     """
 
     def __init__(
@@ -286,6 +293,7 @@ class DiT(nn.Module):
         attention_backend: str = "auto",
         context_dim: int | None = None,
         hidden_size: int | None = None,
+        pooled_dim: int | None = None,
     ):
         super().__init__()
         if isinstance(tokenizer, dict):
@@ -313,6 +321,8 @@ class DiT(nn.Module):
             layout=layout if isinstance(layout, str) else [list(e) if e else e for e in layout],
             attention_backend=attention_backend, context_dim=context_dim, hidden_size=tokenizer.hidden_size,
         )  # fmt: skip
+        if pooled_dim is not None and self.config is not None:  # only then: older model configs stay as they were
+            self.config["pooled_dim"] = pooled_dim
         hidden_size = tokenizer.hidden_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -324,6 +334,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.context_embedder = ContextProjection(context_dim, hidden_size) if context_dim else None
+        self.pooled_embedder = PooledTextProjection(pooled_dim, hidden_size) if pooled_dim else None
         self.layout = resolve_layout(layout, depth, tokenizer.axes)
         self.blocks = nn.ModuleList(
             DiTBlock(
@@ -377,9 +388,17 @@ class DiT(nn.Module):
         """Label id of the unconditional (null) class, None for unconditional models."""
         return None if self.y_embedder is None else self.y_embedder.null_class
 
-    def embed_condition(self, t: Tensor, y: Tensor | None, force_drop: Tensor | None = None) -> Tensor:
-        """(B,) timesteps and labels -> the condition c (B, D), computed once per forward."""
+    def embed_condition(
+        self, t: Tensor, y: Tensor | None, force_drop: Tensor | None = None, pooled: Tensor | None = None
+    ) -> Tensor:
+        """(B,) timesteps and labels (and (B, P) pooled text) -> the condition c (B, D), once per forward."""
         c = self.t_embedder(t)
+        if self.pooled_embedder is not None:
+            if pooled is None:
+                raise ValueError("this DiT adds a pooled text embedding (pooled_dim is set): pass pooled=(B, P)")
+            c = c + self.pooled_embedder(pooled)
+        elif pooled is not None:
+            raise ValueError("a pooled text embedding was given, but this DiT has none (pooled_dim=None)")
         if self.y_embedder is None:
             if y is not None:
                 raise ValueError("this DiT is unconditional (num_classes=0) but class labels were given")
@@ -397,6 +416,7 @@ class DiT(nn.Module):
         context_mask: Tensor | None = None,
         force_drop: Tensor | None = None,
         num_images: int = 0,
+        pooled: Tensor | None = None,
     ) -> Tensor:
         """(B, C, *spatial) noisy input, (B,) timesteps, (B,) labels -> (B, out_channels, *spatial).
 
@@ -414,7 +434,7 @@ class DiT(nn.Module):
             tokens = tokens + codes.to(tokens.dtype)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        c = self.embed_condition(t, y, force_drop)  # (B, D)
+        c = self.embed_condition(t, y, force_drop, pooled)  # (B, D)
         if self.context_embedder is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention (context_dim is set): pass context=(B, L, context_dim)")

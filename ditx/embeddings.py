@@ -74,6 +74,20 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+class PooledTextProjection(nn.Module):
+    """A pooled text embedding (B, pooled_dim) -> (B, hidden), added to the timestep condition
+    (SD3 adds CLIP's pooled embedding this way: linear, SiLU, linear)."""
+
+    def __init__(self, pooled_dim: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(pooled_dim, hidden_size)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(pooled.to(self.fc1.weight.dtype))))
+
+
 class ContextProjection(nn.Module):
     """Context tokens (B, L, context_dim) -> (B, L, hidden), a tanh-GELU MLP as in PixArt."""
 

@@ -68,7 +68,9 @@ def atomic_write(path: str | os.PathLike, *, directory: bool = False, overwrite:
     ``path``. When the block finishes, its contents are fsynced and it replaces ``path``
     (``os.replace``; an existing directory is first moved aside and deleted after the
     swap). If the block raises, the temporary is removed and ``path`` is left as it was.
-    With ``overwrite=False`` an existing ``path`` is a ``FileExistsError``.
+    With ``overwrite=False`` an existing ``path`` is a ``FileExistsError``; for a directory
+    also one that appears while the block runs (processes racing to write the same thing:
+    the first one's stays).
 
     ::
 
@@ -91,7 +93,14 @@ def atomic_write(path: str | os.PathLike, *, directory: bool = False, overwrite:
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to the temporary path {tmp} for {path}")
         _fsync_tree(tmp)
-        if directory and path.exists():
+        if directory and not overwrite:
+            try:  # rename() refuses a non-empty target: of writers racing for ``path``, the first wins
+                os.rename(tmp, path)
+            except OSError as e:
+                if path.exists():
+                    raise FileExistsError(f"{path} already exists (written meanwhile by another process)") from e
+                raise
+        elif directory and path.exists():
             # rename() cannot replace a non-empty directory: swap through a moved-aside copy
             old = _sibling(path, "old")
             os.replace(path, old)

@@ -42,17 +42,29 @@ def generate(
     labels: Tensor | None = None,
     config: SampleConfig | None = None,
     progress: bool = False,
+    captions: list[str] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``num`` samples in data space (decoded) and the labels they were generated for.
 
-    Batches of ``config.batch_size``; the initial noise of the whole set comes from one
-    generator seeded with ``config.seed``, so results do not depend on the batch size.
+    A text recipe's samples are generated for ``captions`` (one per sample), guided
+    against ``config.negative_prompt`` (the empty caption by default), with ``labels``
+    only when given (else a model with classes gets its null class). Batches of
+    ``config.batch_size``; the initial noise of the whole set comes from one generator
+    seeded with ``config.seed``, so results do not depend on the batch size.
     """
     config = config or parts.recipe.sample
     device = torch.device(device)
+    text = parts.text_encoder
+    if text is not None:
+        if captions is None or len(captions) != num or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{parts.recipe.name or 'this'} is a text recipe: give one caption (a str) per sample, "
+                             f"{num} in all, got {captions if captions is None else len(captions)}")  # fmt: skip
+        pooled = model.pooled_embedder is not None
+    elif captions is not None:
+        raise ValueError(f"captions were given, but {parts.recipe.name or 'the recipe'} has no text_encoder")
     was_training = model.training
     model.eval()
-    if labels is None:
+    if labels is None and text is None:  # a text recipe's model with classes too: the null class unless given
         labels = class_labels(num, parts.num_classes)
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(num, *parts.latent_shape, generator=gen)
@@ -65,12 +77,17 @@ def generate(
     for start in batches:
         stop = min(start + config.batch_size, num)
         y = None if labels is None else labels[start:stop].to(device)
+        cond, uncond = {}, {}
+        if text is not None:
+            cond = text.encode(captions[start:stop]).to(device).model_kwargs(pooled)
+            uncond = text.encode([config.negative_prompt] * (stop - start)).to(device).model_kwargs(pooled)
         with autocast_for(parts.recipe, device):
             z = diffusion_sample(
                 model, parts.objective, (stop - start, *parts.latent_shape),
                 scheduler=config.scheduler, num_steps=config.num_steps, y=y,
                 null_class=model.null_class if y is not None else None,
-                guidance_scale=config.guidance_scale if y is not None else 1.0,
+                guidance_scale=config.guidance_scale if y is not None or text is not None else 1.0,
+                model_kwargs=cond, uncond_model_kwargs=uncond,
                 guided_channels=config.guided_channels, device=device,
                 noise=noise[start:stop].to(device),
                 generator=torch.Generator(device).manual_seed(config.seed + 1 + start),
@@ -81,7 +98,38 @@ def generate(
     return torch.cat(out), labels
 
 
-def write_previews(parts: Any, model: torch.nn.Module, out_dir: str | Path, device) -> list[Path]:
-    """Sample ``recipe.sample.num_samples`` and write them as the modality's files."""
-    samples, labels = generate(parts, model, parts.recipe.sample.num_samples, device)
-    return writer_for(parts.recipe.modality)(samples, out_dir, labels)
+def write_previews(
+    parts: Any, model: torch.nn.Module, out_dir: str | Path, device, captions: list[str] | None = None
+) -> list[Path]:
+    """Sample ``recipe.sample.num_samples`` (for ``captions``, a text recipe's) and write them as
+    the modality's files."""
+    samples, labels = generate(parts, model, parts.recipe.sample.num_samples, device, captions=captions)
+    return write_samples(parts.recipe, samples, out_dir, labels, captions)
+
+
+def cycle_prompts(prompts: list[str], num: int) -> list[str]:
+    """``num`` prompts, going round ``prompts`` (each equally often, in order)."""
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def write_samples(
+    recipe: Recipe, samples: Tensor, out_dir: str | Path, labels: Tensor | None = None,
+    captions: list[str] | None = None,
+) -> list[Path]:  # fmt: skip
+    """Samples as the modality's files; a text recipe's file names carry a slug of their prompt,
+    and ``prompts.json`` lists each sample's prompt (with the negative prompt and guidance)."""
+    import json
+
+    from ditx.files import atomic_write
+
+    writer = writer_for(recipe.modality)
+    written = writer(samples, out_dir, labels) if captions is None else writer(samples, out_dir, labels, captions)
+    if captions is not None:
+        document = {"prompts": list(captions), "negative_prompt": recipe.sample.negative_prompt,
+                    "guidance_scale": recipe.sample.guidance_scale,
+                    "files": [str(Path(p).relative_to(out_dir)) for p in written]}  # fmt: skip
+        with atomic_write(Path(out_dir) / "prompts.json") as tmp:
+            tmp.write_text(json.dumps(document, indent=2) + "\n")
+    return written

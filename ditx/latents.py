@@ -68,17 +68,26 @@ def fingerprint_difference(expected: dict[str, Any], got: dict[str, Any] | None)
 
 
 class CachedLatents(Dataset):
-    """Items ``{"x": latent, "y": label}`` from a cache; with several variants per item
-    (e.g. flipped), each epoch picks one per item deterministically."""
+    """Items ``{"x": latent, "y": label}`` (and ``"caption"``) from a cache; with several
+    variants per item (e.g. flipped), each epoch picks one per item deterministically."""
 
     def __init__(self, root: str | Path, seed: int = 0):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         root = Path(root)
         index = json.loads((root / INDEX_NAME).read_text())
-        parts = [load_file(str(root / s["file"])) for s in index["shards"]]
+        parts, captions = [], []
+        for shard in index["shards"]:
+            path = str(root / shard["file"])
+            parts.append(load_file(path))
+            with safe_open(path, framework="pt") as f:  # a shard's captions are in its metadata
+                captions.append((f.metadata() or {}).get("captions"))
         self.latents: Tensor = torch.cat([p["latents"] for p in parts])  # (N, V, *latent)
         self.labels: Tensor = torch.cat([p["labels"] for p in parts])
+        self.captions: list[str] | None = None
+        if captions and all(c is not None for c in captions):
+            self.captions = [c for shard in captions for c in json.loads(shard)]
         self.variants = index["variants"]
         self.data_shape = tuple(index["fingerprint"]["latent_shape"])
         self.seed, self.epoch = seed, 0
@@ -94,7 +103,23 @@ class CachedLatents(Dataset):
         item: dict[str, Any] = {"x": self.latents[index, v]}
         if self.labels[index] >= 0:
             item["y"] = int(self.labels[index])
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
         return item
+
+
+def cached_caption_table(recipe: Recipe, root: str | Path | None = None):
+    """The caption embeddings ``ditx cache-latents`` stored for the recipe's text encoder, or
+    None (with a warning naming what to run) when the cache holds none for it."""
+    from ditx.text import CaptionTable, caption_table_name, text_encoder_key
+
+    root = Path(root or recipe.train.latent_cache)
+    path = root / caption_table_name(text_encoder_key(recipe.text_encoder))
+    if not path.is_file():
+        logger.warning("latent cache %s holds no caption embeddings for this text encoder; encoding captions "
+                       "on the fly (run `ditx cache-latents` to encode them once)", root)  # fmt: skip
+        return None
+    return CaptionTable.load(path)
 
 
 def maybe_cached_dataset(recipe: Recipe, parts: Any) -> Dataset:

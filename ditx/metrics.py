@@ -60,11 +60,14 @@ class Metric(ABC):
     1. ``prepare(reference, device)``: ``reference`` is the recipe's dataset built for
        ``split="test"`` (a :class:`ditx.data.Dataset`); load or train the judging network
        on ``device`` and embed the reference.
-    2. ``compute(samples, labels) -> {name: float}``: ``samples`` are decoded samples
+    2. ``compute(samples, labels, captions) -> {name: float}``: ``samples`` are decoded samples
        ``(N, *data_shape)`` on the CPU in the data's range (what the modality's writer
        takes), ``labels`` ``(N,)`` the classes they were generated for, or None when the
-       model is unconditional. Every key goes into ``metrics.json``; the keys of all the
-       recipe's metrics must differ.
+       model is unconditional (for a text recipe: the test items' classes, when the data
+       has any, whether or not the model takes them). Every key goes into ``metrics.json``;
+       the keys of all the recipe's metrics must differ. ``captions``: a text recipe's
+       prompts (drawn from the test split's captions), one per sample, else None; a
+       metric that does not judge text ignores them.
     3. ``protocol() -> dict``: a JSON-able description of how the numbers were made
        (network and weights checksum, reference size and split, settings), stored beside
        them in ``metrics.json``.
@@ -77,7 +80,9 @@ class Metric(ABC):
         """Get ready to judge samples against ``reference`` on ``device``."""
 
     @abstractmethod
-    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor, labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         """The numbers for ``samples`` generated for ``labels``."""
 
     @abstractmethod

@@ -66,7 +66,13 @@ class ModelConfig:
     attention_backend: str = "auto"
     num_classes: int | None = None  # None: taken from the dataset (0 = unconditional)
     class_dropout_prob: float = 0.1
+    # text recipes: captions drop to the empty caption with this probability in training
+    # (classifier-free guidance), independently of the labels' class_dropout_prob
+    caption_dropout_prob: float = 0.1
+    # None: the text encoder's width when the recipe has one (cross-attention), else no context
     context_dim: int | None = None
+    # add the text encoder's pooled embedding (CLIP) to the timestep condition, as SD3 does
+    pooled_text: bool = True
     gradient_checkpointing: bool = False
     compile: bool = False
 
@@ -109,6 +115,9 @@ class SampleConfig:
     seed: int = 0
     # spatial sizes of the data to sample, e.g. [24, 32, 32] (frames, height, width); None: as trained
     data_size: list[int] | None = None
+    # text recipes: what previews and `ditx sample` draw without --prompt; None: training captions
+    prompts: list[str] | None = None
+    negative_prompt: str = ""  # guidance is against this caption ("" = the unconditional one)
 
 
 @dataclass
@@ -154,6 +163,7 @@ class Recipe:
     tokenizer: Component
     objective: Component
     autoencoder: Component = field(default_factory=lambda: Component("identity"))
+    text_encoder: Component | None = None  # captions -> context tokens (ditx.text); None: no text
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -182,7 +192,7 @@ def _plain(value: Any) -> Any:
 
 # component sections and the registry that resolves each
 COMPONENT_REGISTRIES = {"data": "datasets", "tokenizer": "tokenizers", "objective": "objectives",
-                        "autoencoder": "autoencoders"}  # fmt: skip
+                        "autoencoder": "autoencoders", "text_encoder": "text_encoders"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -253,7 +263,9 @@ def _build_dataclass(cls: type, data: Any, where: str, source: str) -> Any:
                 f"allowed keys{' in ' + where if where else ''}: {', '.join(allowed)}"
             )
         tp = hints[key]
-        if tp is Component:
+        if tp == Component | None and value is None:  # an optional component section, left out
+            kwargs[key] = None
+        elif tp in (Component, Component | None):
             kwargs[key] = _build_component(value, key, source)
         elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build_dataclass(tp, value, key, source)
@@ -403,6 +415,8 @@ def recipe_from_dict(
     check_component_args(recipe.data, "data", source)
     check_component_args(recipe.objective, "objective", source)
     check_component_args(recipe.autoencoder, "autoencoder", source)
+    if recipe.text_encoder is not None:
+        check_component_args(recipe.text_encoder, "text_encoder", source)
     # the tokenizer's width and channels come from the model and autoencoder
     check_component_args(recipe.tokenizer, "tokenizer", source, skip=("hidden_size",))
     return recipe

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ditx.build import load_for_sampling
-from ditx.generation import generate
+from ditx.generation import cycle_prompts, generate, write_samples
 from ditx.writers import writer_for
 
 logger = logging.getLogger("ditx.sample")
@@ -28,26 +28,69 @@ def sample_from(
     overrides: list[str] | None = None,
     fmt: str | None = None,
     overwrite: bool = False,
+    prompts: list[str] | None = None,
+    negative_prompt: str | None = None,
 ) -> Path:
-    """``ditx sample``: write ``num`` samples (default ``sample.num_samples``) into ``out``.
+    """``ditx sample``: write ``num`` samples into ``out``; returns ``out``.
+
+    A text recipe samples ``prompts`` (default: the recipe's ``sample.prompts``), going round
+    them (each equally often) to ``num`` samples, by default one per prompt; guidance is
+    against ``negative_prompt`` (default ``sample.negative_prompt``, the empty caption). Each
+    file's name carries a slug of its prompt, and ``prompts.json`` in ``out`` lists them. Other
+    recipes write ``num`` (default ``sample.num_samples``) samples for classes in turn.
 
     ``fmt`` adds a modality-specific format written by the ``<modality>-<fmt>`` writer
     (e.g. ``npz`` for images: ADM's evaluation-suite layout). An ``out`` that already
     holds files is refused before sampling unless ``overwrite`` (which empties it first).
+
+    In Python, e.g.::
+
+        sample_from("runs/video-moving-digits-text-<time>", prompts=["a 7 moving left and right"], num=4)
     """
     from ditx.files import claim_output_folder
 
     r, parts, model = load_for_sampling(path, recipe, overrides)
-    extra = writer_for(r.modality, fmt) if fmt else None
+    captions = None
+    if negative_prompt is not None:
+        r.sample.negative_prompt = negative_prompt
+    if r.text_encoder is not None:
+        prompts = list(prompts or r.sample.prompts or [])
+        if not prompts:
+            raise ValueError(f"{r.name or path} is a text recipe: give prompts (--prompt TEXT or --prompts FILE, "
+                             f"or sample.prompts in the recipe)")  # fmt: skip
+        num = num or len(prompts)
+        captions = cycle_prompts(prompts, num)
+    elif prompts or negative_prompt is not None:
+        raise ValueError(f"{r.name or path} has no text encoder: it samples classes, not prompts")
+    extra = writer_for(r.modality, fmt) if fmt else None  # an unknown format fails before sampling
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     parts.autoencoder.to(device)
+    if parts.text_encoder is not None:
+        parts.text_encoder.to(device)
     num = num or r.sample.num_samples
     out = Path(out) if out else Path(path) / "samples" / f"sample_{r.sample.scheduler}_{r.sample.num_steps}"
     claim_output_folder(out, overwrite=overwrite, what="samples", instead="pass --out DIR for another folder")
-    samples, labels = generate(parts, model, num, device, progress=True)
-    writer_for(r.modality)(samples, out, labels)
+    samples, labels = generate(parts, model, num, device, progress=True, captions=captions)
+    write_samples(r, samples, out, labels, captions)
     if extra is not None:
         extra(samples, out, labels)
     logger.info("wrote %d samples to %s", num, out)
     return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a JSON list of strings (``.json``), else one prompt per line (blank lines skipped)."""
+    import json
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts file {str(path)!r} must hold a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
+    return prompts

@@ -244,9 +244,11 @@ class Trainer:
             )
         torch.manual_seed(cfg.seed)  # model initialisation is the same on every process
         self.parts = parts = build_components(recipe)
-        model = parts.model
         self.dataset = maybe_cached_dataset(recipe, parts)  # latents from `ditx cache-latents` if present
         self.cached = self.dataset is not parts.dataset
+        self.text = self._text_source()
+        model = parts.model
+        self.pooled_text = model.pooled_embedder is not None
         self.sampling = parts.for_sampling()  # shapes of what the model generates (previews, checkpoints)
         self.objective, self.autoencoder = parts.objective, parts.autoencoder
         self.autoencoder.to(accelerator.device)
@@ -286,6 +288,25 @@ class Trainer:
         self.window: list[float] = []
         self.tic = time.perf_counter()
 
+    def _text_source(self):
+        """What turns a batch's captions into context: the caption embeddings cached beside the
+        latents when there are some (the encoder is then never loaded), else the text encoder."""
+        from ditx.latents import cached_caption_table
+
+        recipe, parts = self.recipe, self.parts
+        if recipe.text_encoder is None:
+            return None
+        if self.dataset.captions is None:
+            raise ValueError(
+                f"{recipe.name or 'the recipe'} has a text encoder, but its dataset {recipe.data.name!r} gives no "
+                f"captions (see docs/datasets.md: a caption column in the manifest or a .txt beside each file)"
+            )
+        if self.cached:
+            table = cached_caption_table(recipe)
+            if table is not None:
+                parts.text_encoder = table
+        return parts.text_encoder.to(self.accelerator.device)
+
     def batches(self):
         """Micro-batches of this process from the current position to the end of training,
         epoch after epoch (each epoch: ``set_epoch``, one seeded permutation)."""
@@ -315,6 +336,8 @@ class Trainer:
         self.noise_all = torch.randn(cfg.batch_size, *self.parts.latent_shape, generator=g)
         self.t_all = self.objective.sample_t(cfg.batch_size, generator=g)
         self.drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.class_dropout_prob
+        # drawn after the others, so recipes without text keep their random streams
+        self.caption_drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.caption_dropout_prob
 
     def _loss(self, batch: dict[str, Any], n: int) -> Tensor:
         """The mean diffusion loss of this process's ``n`` items (a zero with gradients when none is readable)."""
@@ -331,6 +354,9 @@ class Trainer:
         if self.parts.num_classes > 0:
             y = batch["y"].to(device)
             kwargs["force_drop"] = self.drop_all[sl].to(device)
+        if self.text is not None:  # captions dropped to the empty one (classifier-free guidance)
+            captions = ["" if drop else c for c, drop in zip(batch["caption"], self.caption_drop_all[sl].tolist())]
+            kwargs.update(self.text.encode(captions).to(device).model_kwargs(pooled=self.pooled_text))
         if "num_images" in batch:  # joint image-video training (Latte)
             kwargs["num_images"] = int(batch["num_images"][0])
         terms = self.objective.loss(model, z, y=y, model_kwargs=kwargs, noise=self.noise_all[sl].to(device),
@@ -416,10 +442,20 @@ class Trainer:
 
     def preview(self) -> None:
         """Samples of the EMA model as the modality's files, in ``samples/step_N``."""
-        from ditx.generation import write_previews
+        from ditx.build import build_text_encoder
+        from ditx.generation import cycle_prompts, write_previews
+        from ditx.text import CaptionTable
 
         out = self.run_dir / "samples" / f"step_{self.step:08d}"
-        write_previews(self.sampling, self.ema.model, out, self.accelerator.device)
+        captions = None
+        if self.text is not None:  # the recipe's sample.prompts, else the first distinct training captions
+            prompts = self.recipe.sample.prompts or list(dict.fromkeys(self.dataset.captions))
+            captions = cycle_prompts(prompts, self.recipe.sample.num_samples)
+            wanted = set(captions) | {self.recipe.sample.negative_prompt}
+            table = self.sampling.text_encoder
+            if isinstance(table, CaptionTable) and not wanted <= set(table.row):  # prompts not cached: the encoder
+                self.sampling.text_encoder = build_text_encoder(self.recipe).to(self.accelerator.device)
+        write_previews(self.sampling, self.ema.model, out, self.accelerator.device, captions)
 
     # ---- the loop -------------------------------------------------------------------------
 

@@ -10,20 +10,14 @@ import torch
 pytest.importorskip("transformers")
 
 from ditx.registry import text_encoders  # noqa: E402
-from ditx.text import TextEncoder  # noqa: E402
+from ditx.text import TextEncoder, word_level_tokenizer  # noqa: E402
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "7", "2", "moving", "left", "and", "right", "going", "round", "in", "circle"]
 
 
-def word_tokenizer(pad: str = "<pad>"):
+def word_tokenizer():
     """A word-level tokenizer that ends every caption with ``</s>``, as T5's and CLIP's do."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token="</s>", unk_token="<unk>")
+    return word_level_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +78,25 @@ def test_bad_settings_say_what_is_allowed(tiny_t5):
     encoder = text_encoders.build("hf-text", pretrained=str(tiny_t5), max_length=4)
     with pytest.raises(TypeError, match="captions must be a list of strings"):
         encoder.encode("a 7")
+
+
+def test_the_tiny_t5_is_written_once_and_loaded_through_from_pretrained(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path))
+    words = ["a", "7", "moving", "left", "and", "right"]
+    first = text_encoders.build("tiny-t5", words=words, max_length=8, dim=16, heads=2)
+    (folder,) = (tmp_path / "text-encoders").iterdir()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = text_encoders.build("tiny-t5", words=list(reversed(words)), max_length=8, dim=16, heads=2)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # the same settings: not rewritten
+    out = first.encode(["a 7 moving left", "A 7 Moving LEFT", "a 7, moving", "a 9"])
+    torch.testing.assert_close(out.tokens[0], out.tokens[1])  # lower-cased
+    assert out.mask.sum(1).tolist() == [5, 5, 5, 3]  # "," is split off (a token of its own); "9" is <unk>
+    torch.testing.assert_close(again.encode(["a 7 moving left"]).tokens[0], out.tokens[0])
+    # the folder is an ordinary transformers model
+    batch = AutoTokenizer.from_pretrained(folder)(["a 7 moving left"], padding="max_length", max_length=8,
+                                                  return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        expected = T5EncoderModel.from_pretrained(folder)(**batch).last_hidden_state
+    torch.testing.assert_close(out.tokens[:1], expected, rtol=0, atol=0)

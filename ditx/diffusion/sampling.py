@@ -46,6 +46,7 @@ def sample(
     guidance_scale: float = 1.0,
     guided_channels: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    uncond_model_kwargs: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -60,9 +61,12 @@ def sample(
             rectified flow).
         y: (B,) class labels, or None for an unconditional model.
         guidance_scale, null_class, guided_channels: classifier-free guidance. When the scale is
-            not 1 and ``y`` is given, the model runs once per step on [x, x] with labels
-            [y, null_class] and the outputs are combined by ``apply_guidance``.
-        model_kwargs: extra model inputs; under guidance, tensors whose first dim is B are doubled.
+            not 1, the model runs once per step on [x, x] with labels [y, null_class] (when ``y``
+            is given) and model inputs [model_kwargs, uncond_model_kwargs], and the outputs are
+            combined by ``apply_guidance``.
+        model_kwargs: extra model inputs (e.g. text ``context``); under guidance, tensors whose
+            first dim is B are doubled, unless ``uncond_model_kwargs`` gives their unconditional
+            value (e.g. the empty or negative caption's context).
         generator: seeds the initial noise and any stochastic scheduler steps.
         noise: (B, C, *spatial) initial noise to start from instead of drawing it.
 
@@ -76,10 +80,14 @@ def sample(
     B = shape[0]
 
     guide = guidance_scale != 1.0
+    uncond_model_kwargs = dict(uncond_model_kwargs or {})
     if guide:
-        if y is None:
-            raise ValueError(f"guidance_scale={guidance_scale} needs class labels y (got y=None)")
-        if null_class is None:
+        if y is None and not uncond_model_kwargs:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs class labels y or an unconditional text condition "
+                f"(uncond_model_kwargs); got neither"
+            )
+        if y is not None and null_class is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs null_class, the model's null label id")
     if y is not None:
         y = torch.as_tensor(y, device=device)
@@ -88,11 +96,15 @@ def sample(
         if guide:
             y = torch.cat([y, torch.full_like(y, null_class)])
     model_kwargs = dict(model_kwargs or {})
+    unknown = set(uncond_model_kwargs) - set(model_kwargs)
+    if unknown:
+        raise ValueError(f"uncond_model_kwargs {sorted(unknown)} have no conditional value in model_kwargs")
     if guide:
         model_kwargs = {
-            k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v
+            k: torch.cat([v, uncond_model_kwargs.get(k, v)])
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v
             for k, v in model_kwargs.items()
-        }
+        }  # fmt: skip
 
     if noise is None:
         gen_device = generator.device if generator is not None else device

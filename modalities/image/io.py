@@ -11,6 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from ditx.files import atomic_write
+from ditx.writers import sample_stem
 
 
 def images_to_uint8(images: Tensor) -> Tensor:
@@ -46,10 +47,14 @@ def _save_png(array: np.ndarray, path: Path, upscale: int = 1) -> None:
 
 
 def write_image_samples(
-    samples: Tensor, out_dir: str | Path, labels: Tensor | None = None, individual: bool = True
+    samples: Tensor,
+    out_dir: str | Path,
+    labels: Tensor | None = None,
+    captions: list[str] | None = None,
+    individual: bool = True,
 ) -> list[Path]:
     """Write ``grid.png`` (one row per class when labels are given, sorted by class) and
-    ``{index:05d}[_class{y}].png``. Small images are upscaled in the grid for viewing."""
+    ``{index:05d}[_class{y}][_{prompt slug}].png``. Small images are upscaled in the grid for viewing."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = to_uint8(samples)
@@ -71,7 +76,7 @@ def write_image_samples(
     written.append(out / "grid.png")
     if individual:
         for i, img in enumerate(arrays):
-            name = f"{i:05d}" + ("" if labels is None else f"_class{int(labels[i])}") + ".png"
+            name = sample_stem(i, labels, captions, prefix="") + ".png"
             _save_png(img, out / name)
             written.append(out / name)
     return written

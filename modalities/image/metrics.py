@@ -118,7 +118,9 @@ class DigitsMetric(FeatureDistanceMetric):
         if labels is not None and (labels.ndim != 1 or len(labels) != len(samples)):
             raise ValueError(f"labels must be (N,) = ({len(samples)},) class indices, got shape {tuple(labels.shape)}")
 
-    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor, labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         """Metrics of ``samples`` (N, C, H, W) in [-1, 1] generated for ``labels`` (N,) (None: unconditional).
 
         Returns ``fid``, ``kid``, ``kid_std``, ``classifier_test_accuracy`` (if the reference
@@ -253,7 +255,9 @@ class InceptionMetric(FeatureDistanceMetric):
         check_images("samples", samples)
         super()._check_samples(samples, labels)
 
-    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor, labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         """Metrics of ``samples`` (N, 3 or 1, H, W) in [-1, 1]; ``labels`` are accepted and unused.
 
         Returns ``fid``, ``inception_score``, ``inception_score_std`` and, with a reference

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from ditx.files import atomic_write
+from ditx.writers import sample_stem
 
 
 def volume_bounds(resolution: int) -> tuple[float, float]:
@@ -78,8 +79,11 @@ def render_mesh(mesh: trimesh.Trimesh | None, size: int = 128, points: int = 400
     return image
 
 
-def write_shape_samples(samples: Tensor, out_dir: str | Path, labels: Tensor | None = None) -> list[Path]:
-    """Occupancy volumes (B, 1, G, G, G) -> ``sample_00000[_class3].obj``/``.glb`` and ``preview.png``.
+def write_shape_samples(
+    samples: Tensor, out_dir: str | Path, labels: Tensor | None = None, captions: list[str] | None = None
+) -> list[Path]:
+    """Occupancy volumes (B, 1, G, G, G) -> ``sample_00000[_class3][_{prompt slug}].obj``/``.glb`` and
+    ``preview.png``.
 
     The preview holds one render per sample (one row per class for conditional samples);
     samples without a surface get no mesh files and a blank tile. Returns the paths written.
@@ -91,7 +95,7 @@ def write_shape_samples(samples: Tensor, out_dir: str | Path, labels: Tensor | N
     for i, mesh in enumerate(meshes):
         if mesh is None:
             continue
-        stem = f"sample_{i:05d}" + (f"_class{int(labels[i])}" if labels is not None else "")
+        stem = sample_stem(i, labels, captions)
         written += [export_mesh(mesh, out / f"{stem}.obj"), export_mesh(mesh, out / f"{stem}.glb")]
     tiles = np.stack([render_mesh(m, seed=i) for i, m in enumerate(meshes)])
     if labels is not None:  # one row per class, like the image grid

@@ -406,7 +406,9 @@ class PointCloudSetMetric(Metric):
             "dataset": type(reference).__name__, "split": reference.split, "size": count,
         }  # fmt: skip
 
-    def compute(self, samples: Tensor | Sequence[Any], labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor | Sequence[Any], labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         """MMD/COV/1-NNA of ``samples`` (clouds ``(N, P, 3)`` or meshes) against the reference."""
         if self.reference is None:
             raise RuntimeError(f"{type(self).__name__}.compute called before prepare(reference, device)")
@@ -465,7 +467,9 @@ class ShapeGenerationMetric(PointCloudSetMetric):
 
     name = "shape3d"
 
-    def compute(self, samples: Tensor | Sequence[Any], labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor | Sequence[Any], labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         from ditx.modalities.shape3d.io import volumes_to_meshes
 
         if not (isinstance(samples, Tensor) and samples.ndim == 5):

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from ditx.files import atomic_write
+from ditx.writers import sample_stem
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -131,6 +132,7 @@ def write_video_samples(
     samples: Tensor,
     out_dir: str | Path,
     labels: Tensor | None = None,
+    captions: list[str] | None = None,
     individual: bool = True,
     fps: float = 8,
     upscale: int | None = None,
@@ -140,8 +142,8 @@ def write_video_samples(
     - ``grid.mp4`` and ``grid.gif``: every clip tiled per frame, one row per class when
       ``labels`` are given (sorted by class; short rows padded with white), else about
       square.
-    - with ``individual``: ``sample_{index:05d}[_class{y}].mp4`` at the samples' own
-      resolution, and the same name ``.gif``.
+    - with ``individual``: ``sample_{index:05d}[_class{y}][_{prompt slug}].mp4`` at the
+      samples' own resolution, and the same name ``.gif``.
 
     The grid and the GIFs are upscaled by nearest neighbour (``upscale``; default: to
     about 256 pixels on the long side) so that tiny clips (e.g. 32×32) can be seen.
@@ -172,7 +174,7 @@ def write_video_samples(
     written = [write_video(grid, out / "grid.mp4", fps), write_video(grid, out / "grid.gif", fps)]
     if individual:
         for i, clip in enumerate(clips):
-            name = f"sample_{i:05d}" + ("" if labels is None else f"_class{int(labels[i])}")
+            name = sample_stem(i, labels, captions)
             written.append(write_video(clip, out / f"{name}.mp4", fps))
             written.append(write_video(_upscale(clip, _auto_upscale(clip, upscale)), out / f"{name}.gif", fps))
     return written

@@ -361,7 +361,9 @@ class FVDMetric(FeatureDistanceMetric):
             raise ValueError(f"FVD needs at least 2 sample clips, got {len(samples)}")
         super()._check_samples(samples, labels)
 
-    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor, labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         """``fvd``, ``kvd`` and ``kvd_std`` of ``samples`` (N, C, T, H, W) in [-1, 1]; ``labels`` are unused."""
         if self.detector is None or self.reference_features is None:
             raise RuntimeError("FVDMetric.compute called before prepare(reference, device)")
@@ -462,7 +464,9 @@ class FrameFIDMetric(Metric):
                 dataset=type(reference).__name__, clips=frames.num_clips, clip_shape=self.reference_clip_shape
             )
 
-    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    def compute(
+        self, samples: Tensor, labels: Tensor | None = None, captions: list[str] | None = None
+    ) -> dict[str, float]:
         """Inception metrics of all frames of ``samples`` (N, C, T, H, W) in [-1, 1]; ``labels`` are unused."""
         _check_clips("the frame-fid metric's samples", samples)
         results = self.inception.compute(clips_to_frames(samples))

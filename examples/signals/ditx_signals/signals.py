@@ -91,7 +91,7 @@ class DominantFrequencyMetric(Metric):
         expected = torch.tensor([class_frequency(y) for y in labels.tolist()])
         return float((dominant_frequency(signals) == expected).float().mean())
 
-    def compute(self, samples: Tensor, labels: Tensor | None) -> dict[str, float]:
+    def compute(self, samples: Tensor, labels: Tensor | None, captions: list[str] | None = None) -> dict[str, float]:
         if labels is None:
             raise ValueError("dominant-frequency needs class-conditional samples (the class is the frequency)")
         return {"frequency_accuracy": self._accuracy(samples.cpu(), labels.cpu()),
