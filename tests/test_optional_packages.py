@@ -18,6 +18,7 @@ import tomllib
 
 from ditx import registry
 from ditx.recipe import list_recipes
+from ditx.text import save_tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
             (root / "meshes" / cls).mkdir(parents=True, exist_ok=True)
             mesh.apply_scale(1.0 + 0.1 * i).export(root / "meshes" / cls / f"{i}.obj")
     AutoencoderKL(**SMALL_KL).save_pretrained(root / "vae")
+    # captioned clips (a manifest) and a tiny T5 written with save_pretrained, for the text recipes
+    rows = [f"clips/{cls}/{i}.mp4,a {cls} running" for cls in ("cat", "dog") for i in range(2)]
+    (root / "captions.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    save_tiny_t5(root / "t5", ["a", "cat", "dog", "running"], dim=16, heads=2)
     return {"root": root, "cache": root / "cache", "runs": root / "runs"}
 
 
@@ -105,6 +110,15 @@ def train_calls(data: dict[str, Path], recipes: list[str], case: str) -> list[li
         "video/moving-digits": [
             f"data.root={root / 'moving'}", "data.num_clips_train=10", "data.num_clips_test=10",
             *_small_autoencoder_stage(), "autoencoder_train.num_workers=0", *_two_steps(),
+        ],
+        "video/moving-digits-text": [
+            f"data.root={root / 'moving-text'}", "data.num_clips_train=10", "data.num_clips_test=10",
+            *_small_autoencoder_stage(), "autoencoder_train.num_workers=0", *_two_steps(),
+        ],
+        "video/latte-t2v": [
+            f"data.root={root / 'captions.csv'}", "data.size=16", "data.num_frames=4", "data.frame_stride=1",
+            f"autoencoder.pretrained={root / 'vae'}", f"text_encoder.pretrained={root / 't5'}",
+            "text_encoder.dtype=float32", "text_encoder.max_length=8", *SMALL_MODEL, *_two_steps(),
         ],
         "video/latte-ucf101": [
             f"data.root={root / 'clips'}", "data.size=16", "data.num_frames=4", "data.frame_stride=1",

@@ -452,8 +452,10 @@ def test_the_reference_scores_as_perfect_against_itself(digits_metric, test_clip
     result = digits_metric.compute(clips, labels)
     assert set(result) == {
         "frame_accuracy", "clip_consistency", "motion_px", "reference_motion_px", "fvd_digits",
-        "frame_fid_digits", "classifier_reference_accuracy",
+        "frame_fid_digits", "classifier_reference_accuracy", "shape_consistency", "reference_shape_consistency",
+        "motion_tv", *(f"{side}motion_histogram_{m}" for side in ("", "reference_") for m in MDM.MOTIONS),
     }  # fmt: skip
+    assert result["motion_tv"] == 0.0 and result["shape_consistency"] == result["reference_shape_consistency"] == 1.0
     assert result["frame_accuracy"] == result["classifier_reference_accuracy"] >= 0.95
     assert result["clip_consistency"] >= 0.97
     assert result["motion_px"] == pytest.approx(result["reference_motion_px"])

@@ -18,6 +18,7 @@ video.register(registry.autoencoders, "framewise-vae", "ditx.modalities.video.au
 video.register(registry.autoencoders, "video-vae", "ditx.modalities.video.autoencoder:VideoVAE")
 video.register(registry.datasets, "video-folder", "ditx.modalities.video.data:VideoFolderDataset")
 video.register(registry.datasets, "moving-digits", "ditx.modalities.video.moving_digits:MovingDigitsDataset")
+video.register(registry.datasets, "moving-digits-text", "ditx.modalities.video.moving_digits:MovingDigitsTextDataset")
 video.register(registry.writers, "video", "ditx.modalities.video.io:write_video_samples")
 video.register(registry.metrics, "fvd", "ditx.modalities.video.metrics:FVDMetric")
 video.register(registry.metrics, "frame-fid", "ditx.modalities.video.metrics:FrameFIDMetric")

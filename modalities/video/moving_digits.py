@@ -24,6 +24,55 @@ logger = logging.getLogger("ditx.video")
 MOTIONS = ("horizontal", "vertical", "diagonal", "circle")
 _SPLIT_STREAM = {"train": 0, "test": 1, "all": 2}
 
+# ---------------------------------------------------------------------------------------
+# Captions: which digit, and how it moves
+# ---------------------------------------------------------------------------------------
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SUBJECTS = ("a {digit}", "the digit {digit}", "a {word}")
+MOTION_PHRASES = {
+    "horizontal": ("moving left and right", "sliding from side to side"),
+    "vertical": ("moving up and down", "bouncing up and down"),
+    "diagonal": ("moving diagonally", "sliding along a diagonal"),
+    "circle": ("going round in a circle", "circling around"),
+}
+# (digit, motion) pairs the text recipe never trains on: every digit and motion is still seen
+HELD_OUT_PAIRS = ("0 circle", "2 horizontal", "4 diagonal", "6 vertical", "8 circle", "9 horizontal")
+CAPTION_WORDS = sorted(
+    {w for s in SUBJECTS for w in s.split() if "{" not in w}
+    | {w for phrases in MOTION_PHRASES.values() for p in phrases for w in p.split()}
+    | set(NUMBER_WORDS) | {str(d) for d in range(10)}
+)  # fmt: skip
+
+
+def caption_for(digit: int, motion: str, rng: np.random.Generator) -> str:
+    """A caption saying which digit moves and how: ``"a 7 moving left and right"``, ``"the
+    digit 2 circling around"``, ``"a seven sliding from side to side"``, ... (phrasing drawn by ``rng``)."""
+    subject = SUBJECTS[int(rng.integers(len(SUBJECTS)))].format(digit=digit, word=NUMBER_WORDS[digit])
+    phrases = MOTION_PHRASES[motion]
+    return f"{subject} {phrases[int(rng.integers(len(phrases)))]}"
+
+
+def parse_caption(caption: str) -> tuple[int | None, str | None]:
+    """(digit, motion) a caption asks for, or None for a part it does not name (the inverse of ``caption_for``)."""
+    words = caption.lower().replace(",", " ").split()
+    digits = {int(w) for w in words if w.isdigit() and len(w) == 1} | {NUMBER_WORDS.index(w) for w in words
+                                                                        if w in NUMBER_WORDS}  # fmt: skip
+    text = " ".join(words)
+    motions = {m for m, phrases in MOTION_PHRASES.items() if any(p in text for p in phrases)}
+    return (digits.pop() if len(digits) == 1 else None), (motions.pop() if len(motions) == 1 else None)
+
+
+def parse_pairs(pairs: list[str] | tuple[str, ...]) -> set[tuple[int, str]]:
+    """``["0 circle", ...]`` -> ``{(0, "circle"), ...}``, with an error naming a malformed entry."""
+    out = set()
+    for entry in pairs:
+        parts = str(entry).split()
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) > 9 or parts[1] not in MOTIONS:
+            raise ValueError(f"held-out pair {entry!r} must be '<digit 0-9> <motion>' with a motion of {MOTIONS}")
+        out.add((int(parts[0]), parts[1]))
+    return out
+
 
 def _bounce(rng: np.random.Generator, num_frames: int, room: float) -> np.ndarray:
     """(T,) positions in [0, room] moving at constant speed and bouncing off the walls.
@@ -56,7 +105,13 @@ def _trajectory(motion: str, rng: np.random.Generator, num_frames: int, room: fl
 
 
 def render_moving_digits(
-    num_clips: int, num_frames: int = 8, size: int = 32, digit_size: int = 14, split: str = "train", seed: int = 0
+    num_clips: int,
+    num_frames: int = 8,
+    size: int = 32,
+    digit_size: int = 14,
+    split: str = "train",
+    seed: int = 0,
+    exclude: set[tuple[int, str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Clips of one handwritten digit moving on a black canvas.
 
@@ -67,7 +122,8 @@ def render_moving_digits(
     fixed stratified 80/20 ``split`` (so test clips show digits never seen in training),
     resized to ``digit_size``. Each clip moves its digit by at least 0.2 of the free room
     ``size - digit_size`` between the first and last frame (3.6 pixels at the defaults;
-    about 9 on average). The same arguments always give the same clips.
+    about 9 on average). The same arguments always give the same clips. ``exclude``:
+    (digit, motion) pairs never drawn (a digit's motion is then drawn among the others).
     """
     from ditx.modalities.image.data import DigitsDataset
     from ditx.modalities.image.io import images_to_uint8
@@ -97,6 +153,11 @@ def render_moving_digits(
         digit = pool[order[label][used[label] % len(order[label])]]
         used[label] += 1
         motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        if exclude and (label, motion) in exclude:  # redrawn among this digit's allowed motions
+            allowed = [m for m in MOTIONS if (label, m) not in exclude]
+            if not allowed:
+                raise ValueError(f"moving-digits: every motion of digit {label} is excluded")
+            motion = allowed[int(rng.integers(len(allowed)))]
         corners = np.clip(np.rint(_trajectory(motion, rng, num_frames, room)), 0, room).astype(int)  # (T, 2)
         for t, (y, x) in enumerate(corners):
             clips[i, t, y : y + digit_size, x : x + digit_size] = digit
@@ -126,6 +187,8 @@ def write_moving_digits(
     fps: float = 8,
     seed: int = 0,
     digit_size: int | None = None,
+    captions: bool = False,
+    held_out: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Write moving digits as MP4 files, ``root/<split>/<digit>/clip_<index:05d>.mp4``; returns ``root``.
 
@@ -135,6 +198,10 @@ def write_moving_digits(
     an interrupted run resumes where it stopped, a finished one returns at once. A
     folder made with other settings is a ``ValueError`` naming it (delete it or choose
     another ``root``).
+
+    With ``captions``, each clip gets a caption beside it (``clip_<index>.txt``, see
+    ``caption_for``), and the train split leaves out the ``held_out`` (digit, motion) pairs
+    (``"0 circle"``, ...); the test split has every pair.
     """
     from ditx.modalities.video.io import write_video
 
@@ -145,6 +212,9 @@ def write_moving_digits(
         "format": "ditx-moving-digits", "version": 1, "num_clips_per_split": dict(sorted(counts.items())),
         "num_frames": num_frames, "size": size, "digit_size": digit_size, "fps": fps, "seed": seed,
     }  # fmt: skip
+    if captions:  # only then, so folders written without captions keep their settings
+        settings.update(captions=True, held_out=sorted(f"{d} {m}" for d, m in parse_pairs(held_out)))
+    exclude = parse_pairs(held_out) if captions else set()
     root = Path(root).expanduser().absolute()
     complete, started = root / ".complete", root / ".generating"
     for marker in (complete, started):
@@ -161,8 +231,17 @@ def write_moving_digits(
         tmp.write_text(json.dumps(settings, indent=1))
     tic, written = time.perf_counter(), 0
     for split, n in sorted(counts.items()):
-        clips, labels, _ = render_moving_digits(n, num_frames, size, digit_size, split, seed)
+        clips, labels, motions = render_moving_digits(n, num_frames, size, digit_size, split, seed,
+                                                      exclude=exclude if split == "train" else None)  # fmt: skip
         paths = [root / split / str(int(y)) / f"clip_{i:05d}.mp4" for i, y in enumerate(labels)]
+        if captions:  # written before the clips: a clip on disk always has its caption
+            rng = np.random.default_rng([seed, _SPLIT_STREAM[split], 7])
+            for path, y, motion in zip(paths, labels.tolist(), motions):
+                caption = caption_for(int(y), motion, rng)
+                if not path.with_suffix(".txt").is_file():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(path.with_suffix(".txt")) as tmp:
+                        tmp.write_text(caption + "\n", encoding="utf-8")
         todo = [(path, clip) for path, clip in zip(paths, clips) if not path.exists()]
         if todo:
             logger.info("moving-digits: writing %d %s clips to %s", len(todo), split, root / split)
@@ -190,6 +269,7 @@ class MovingDigitsDataset(VideoFolderDataset):
     """
 
     registered_name = "moving-digits"
+    held_out_pairs: set[tuple[int, str]] = set()  # (digit, motion) pairs the train split never shows (text subclass)
 
     def __init__(
         self,
@@ -215,11 +295,12 @@ class MovingDigitsDataset(VideoFolderDataset):
         for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"moving-digits {arg} must be a positive integer, got {value!r}")
-        folder = Path(root).expanduser() if root is not None else ditx_cache_dir("moving-digits")
+        folder = Path(root).expanduser() if root is not None else ditx_cache_dir(self.registered_name)
         self.data_settings = {
             "num_clips_per_split": {"train": num_clips_train, "test": num_clips_test},
             "num_frames": max(2, clip_span(num_frames, frame_stride)), "size": size, "seed": data_seed,
         }  # fmt: skip
+        self.data_settings.update(self._caption_settings())
         write_moving_digits(folder, **self.data_settings)
         super().__init__(
             str(folder / split), num_frames=num_frames, frame_stride=frame_stride, size=size, flip=flip,
@@ -232,5 +313,46 @@ class MovingDigitsDataset(VideoFolderDataset):
                 f"delete {str(folder)!r} to write it again"
             )
 
+    def _caption_settings(self) -> dict:
+        """What ``write_moving_digits`` is given beyond the clips' settings (captions: the subclass)."""
+        return {}
+
     def cache_key(self) -> dict:
         return {**super().cache_key(), "moving_digits": self.data_settings}
+
+
+class MovingDigitsTextDataset(MovingDigitsDataset):
+    """Moving digits with captions (the tiny text-to-video recipe's data).
+
+    Every clip has a caption saying which digit moves and how (``caption_for``: three ways
+    to name the digit, two phrasings per motion), in a ``.txt`` beside it, so items carry
+    ``"caption"`` as any captioned folder's do. The train split never shows the
+    ``held_out`` (digit, motion) pairs; the test split shows every pair, so evaluation
+    can compare prompts seen in training with held-out ones (``held_out_pairs``).
+    Written to ``root`` (default ``$DITX_CACHE/moving-digits-text``).
+    """
+
+    registered_name = "moving-digits-text"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        split: Literal["train", "test"] = "train",
+        num_frames: int = 8,
+        size: int = 32,
+        frame_stride: int = 1,
+        flip: bool = False,
+        seed: int = 0,
+        num_clips_train: int = 1500,
+        num_clips_test: int = 300,
+        data_seed: int = 0,
+        cache_dir: str | None = None,
+        augment: bool = True,
+        held_out: list[str] = list(HELD_OUT_PAIRS),  # noqa: B006 (never mutated; shown by `ditx recipes show`)
+    ):
+        self.held_out_pairs = parse_pairs(held_out)
+        super().__init__(root, split, num_frames, size, frame_stride, flip, seed, num_clips_train, num_clips_test,
+                         data_seed, cache_dir, 0, augment)  # fmt: skip
+
+    def _caption_settings(self) -> dict:
+        return {"captions": True, "held_out": sorted(f"{d} {m}" for d, m in self.held_out_pairs)}

@@ -1,6 +1,7 @@
 """The moving-digits metrics of the tiny video recipe: a small frame classifier (trained on
 rendered clips, cached) judges what digit each generated frame shows, whether a clip keeps
-its digit, and how far the digit moves."""
+its digit, and how far the digit moves; a motion-type classifier and a shape-consistency
+score (``motion.py``) judge whether it moves and keeps its shape like the test clips."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,21 @@ import torch
 import torch.nn.functional as F
 from ditx.modalities.image.digits_classifier import CLASSIFIER_INPUT_SIZE, FEATURE_DIM, DigitsClassifier, _shift_1px
 from ditx.modalities.video.metrics import _check_clips, _dataset_clips, clips_to_frames
+from ditx.modalities.video.motion import (
+    INK_THRESHOLD,
+    MIN_MOTION_FRAMES,
+    MOTIONS,
+    TRAJECTORY_POINTS,
+    MotionClassifier,
+    centroid_crops,
+    frame_intensity,  # noqa: F401  (re-exported: it was defined here)
+    intensity_centroid,
+    load_or_train_motion_classifier,
+    motion_histogram,
+    shape_consistency,
+    total_variation,
+)
+from ditx.modalities.video.moving_digits import MovingDigitsDataset, parse_caption
 from torch import Tensor, nn
 
 from ditx.data import Dataset
@@ -25,7 +42,7 @@ from ditx.registry import package_version
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------
-# Moving digits: centroids, the frame classifier and its cache
+# Moving digits: the frame classifier and its cache (centroids and crops are in motion.py)
 # ---------------------------------------------------------------------------------------
 
 MOVING_DIGITS_CLASSIFIER_FORMAT = "ditx-moving-digits-classifier"
@@ -40,54 +57,11 @@ def clip_feature_dim(num_frames: int) -> int:
     return 2 * FEATURE_DIM + POSITION_DIM * num_frames
 
 
-def frame_intensity(frames: Tensor) -> Tensor:
-    """(..., C, H, W) in [-1, 1] -> (..., H, W) brightness ``clamp((x + 1) / 2, 0, 1)`` averaged over channels."""
-    return ((frames.float() + 1) / 2).clamp(0, 1).mean(-3)
-
-
-def intensity_centroid(frames: Tensor) -> Tensor:
-    """(..., C, H, W) in [-1, 1] -> (..., 2) brightness-weighted mean position ``(y, x)`` in pixels.
-
-    Positions are pixel indices (0 at the top-left pixel's centre); a black frame's
-    centroid is the canvas centre ``((H - 1) / 2, (W - 1) / 2)``.
-    """
-    weight = frame_intensity(frames)  # (..., H, W)
-    h, w = weight.shape[-2:]
-    total = weight.sum((-2, -1))  # (...)
-    ys = torch.arange(h, dtype=weight.dtype, device=weight.device)
-    xs = torch.arange(w, dtype=weight.dtype, device=weight.device)
-    y = (weight.sum(-1) * ys).sum(-1)  # (...)
-    x = (weight.sum(-2) * xs).sum(-1)
-    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=weight.dtype, device=weight.device)
-    centroid = torch.stack([y, x], -1) / total.clamp_min(1e-12)[..., None]
-    return torch.where((total > 0)[..., None], centroid, centre)
-
-
 def clip_motion_px(clips: Tensor) -> Tensor:
     """(N, C, T, H, W) in [-1, 1] -> (N,) distance in pixels between the first and last frame's centroids."""
     _check_clips("clips", clips, min_frames=2)
     ends = intensity_centroid(clips[:, :, [0, -1]].transpose(1, 2))  # (N, 2 frames, 2)
     return (ends[:, 1] - ends[:, 0]).norm(dim=-1)
-
-
-def centroid_crops(frames: Tensor, size: int, centroids: Tensor | None = None) -> Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B, 1, size, size) grey windows centred on each frame's intensity centroid.
-
-    The window's centre is the centroid rounded to the pixel grid; outside the frame is
-    background (-1). ``centroids`` (B, 2) are computed when not given.
-    """
-    if centroids is None:
-        centroids = intensity_centroid(frames)
-    grey = frames.float().clamp(-1, 1).mean(1)  # (B, H, W)
-    pad = size
-    padded = F.pad(grey, (pad, pad, pad, pad), value=-1.0)  # (B, H + 2·size, W + 2·size)
-    # (B, 2) into the padded frame; a centroid lies inside the frame, so the window lies inside the padding
-    top_left = (centroids - (size - 1) / 2).round().long() + pad
-    offsets = torch.arange(size, device=frames.device)
-    rows = (top_left[:, 0, None] + offsets)[:, :, None]  # (B, size, 1)
-    cols = (top_left[:, 1, None] + offsets)[:, None, :]  # (B, 1, size)
-    batch = torch.arange(len(frames), device=frames.device)[:, None, None]
-    return padded[batch, rows, cols][:, None]  # (B, 1, size, size)
 
 
 def frame_accuracy(predictions: Tensor, labels: Tensor) -> float:
@@ -301,13 +275,18 @@ class MovingDigitsMetric(Metric):
 
         metric = MovingDigitsMetric()
         metric.prepare(MovingDigitsDataset(split="test"), device="cpu")
-        metric.compute(samples, labels)
+        metric.compute(samples, labels, motions=None)  # motions: one name of MOTIONS per sample
         # {"frame_accuracy", "clip_consistency", "motion_px", "reference_motion_px", "fvd_digits",
-        #  "frame_fid_digits", "classifier_reference_accuracy"}
+        #  "frame_fid_digits", "classifier_reference_accuracy", "shape_consistency",
+        #  "reference_shape_consistency", "motion_tv", "motion_histogram_<type>",
+        #  "reference_motion_histogram_<type>" for each type of MOTIONS, "motion_accuracy"}
 
     Samples must have the reference clips' shape ``(C, T, H, W)`` (C = 1 or 3, square
-    frames); the classifier is trained for frames of that size. ``frame_accuracy`` needs
-    ``labels``; ``classifier_reference_accuracy`` needs a labelled reference.
+    frames); the classifiers are trained for clips of that size. ``frame_accuracy`` needs
+    ``labels``; ``classifier_reference_accuracy`` needs a labelled reference;
+    ``motion_accuracy`` needs ``motions`` (the motion each sample was prompted with). The
+    motion-type keys need clips of at least ``MIN_MOTION_FRAMES`` (4) frames and are left
+    out for shorter ones.
     """
 
     name = "moving-digits"
@@ -338,11 +317,15 @@ class MovingDigitsMetric(Metric):
         self.reference_clip_features: Tensor | None = None  # (N, 128 + 2T)
         self.reference_accuracy: float | None = None
         self.reference_motion_px: float | None = None
+        self.motion_classifier: MotionClassifier | None = None
+        self.reference_motion_histogram: Tensor | None = None  # (len(MOTIONS),) float64
+        self.reference_shape_consistency: float | None = None
         self.reference_description: dict[str, Any] = {}
         self.num_samples: int | None = None
+        self.held_out_pairs: set[tuple[int, str]] = set()
 
     def prepare(self, reference: Dataset, device: str | torch.device = "cpu") -> None:
-        """Load (or train once) the classifier for the reference's frame size and embed the reference clips."""
+        """Load (or train once) the classifiers for the reference's clip shape and score the reference clips."""
         if reference is None:
             raise ValueError("the moving-digits metric needs a reference dataset of clips (the test split)")
         clips, labels = _dataset_clips(reference)
@@ -363,12 +346,23 @@ class MovingDigitsMetric(Metric):
         self.reference_frame_features, self.reference_clip_features = frame_features, clip_features
         self.reference_accuracy = None if labels is None else frame_accuracy(predictions, labels)
         self.reference_motion_px = float(clip_motion_px(clips).mean())
+        self.reference_shape_consistency = float(shape_consistency(clips).mean())
+        self.motion_classifier, self.reference_motion_histogram = None, None
+        if clips.shape[2] >= MIN_MOTION_FRAMES:
+            self.motion_classifier = load_or_train_motion_classifier(
+                size=clips.shape[-1], digit_size=self.digit_size, cache_dir=self.cache_dir, device=self.device,
+                num_frames=clips.shape[2], data_seed=self.data_seed, seed=self.classifier_seed,
+            )  # fmt: skip
+            self.reference_motion_histogram = motion_histogram(self.motion_classifier.predict(clips))
+        # the (digit, motion) pairs a captioned dataset's training split never shows
+        self.held_out_pairs = set(reference.held_out_pairs) if isinstance(reference, MovingDigitsDataset) else set()
         self.reference_description = {
             "dataset": type(reference).__name__,
             "split": reference.split,
             "size": len(clips),
             "clip_shape": list(self.reference_clip_shape),
             "labelled": labels is not None,
+            "held_out_pairs": sorted(f"{d} {m}" for d, m in self.held_out_pairs),
         }
 
     @torch.no_grad()
@@ -390,7 +384,7 @@ class MovingDigitsMetric(Metric):
         )  # (N, 128 + 2T)
         return frame_features, clip_features, torch.cat(predictions).view(n, t)
 
-    def _check_samples(self, samples: Tensor, labels: Tensor | None) -> None:
+    def _check_samples(self, samples: Tensor, labels: Tensor | None, motions: Sequence[str] | None) -> None:
         expected = self.reference_clip_shape
         if not isinstance(samples, Tensor) or samples.ndim != 5 or tuple(samples.shape[1:]) != expected:
             got = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
@@ -402,12 +396,51 @@ class MovingDigitsMetric(Metric):
             raise ValueError(f"the moving-digits Fréchet distances need at least 2 sample clips, got {len(samples)}")
         if labels is not None and (labels.ndim != 1 or len(labels) != len(samples)):
             raise ValueError(f"labels must be (N,) = ({len(samples)},) class indices, got shape {tuple(labels.shape)}")
+        if motions is None:
+            return
+        if isinstance(motions, str) or len(motions) != len(samples):
+            got = repr(motions) if isinstance(motions, str) else f"{len(motions)} names"
+            raise ValueError(f"motions must be one motion name per sample ({len(samples)}), got {got}")
+        unknown = sorted({repr(m) for m in motions if m not in MOTIONS})
+        if unknown:
+            raise ValueError(
+                f"unknown motions {', '.join(unknown)}; the moving-digits motions are {', '.join(MOTIONS)}"
+            )
+        if self.motion_classifier is None:
+            raise ValueError(
+                f"motion_accuracy needs clips of at least {MIN_MOTION_FRAMES} frames, the reference has "
+                f"{self.reference_clip_shape[1]}"
+            )
 
-    def compute(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        """Metrics of ``samples`` (N, C, T, H, W) in [-1, 1] generated for ``labels`` (N,) (None: unconditional)."""
+    def compute(
+        self,
+        samples: Tensor,
+        labels: Tensor | None = None,
+        captions: list[str] | None = None,
+        *,
+        motions: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of ``samples`` (N, C, T, H, W) in [-1, 1] generated for ``labels`` (N,) (None: unconditional)
+        and, when given, the ``motions`` they were prompted with (one name of ``MOTIONS`` per sample).
+
+        ``captions`` (a text recipe's prompts) say the digit and motion asked for
+        (``parse_caption``): they give ``motions`` (and the labels when none are given), and
+        the accuracies are also reported apart for prompts whose (digit, motion) pair the
+        training split showed (``_seen``) and for the reference's held-out pairs (``_held_out``)."""
         if self.classifier is None:
             raise RuntimeError("MovingDigitsMetric.compute called before prepare(reference, device)")
-        self._check_samples(samples, labels)
+        asked = None
+        if captions is not None:
+            if len(captions) != len(samples):
+                raise ValueError(f"captions must be one per sample ({len(samples)}), got {len(captions)}")
+            asked = [parse_caption(c) for c in captions]
+            unparsed = [c for c, (d, m) in zip(captions, asked) if d is None or m is None]
+            if unparsed:
+                raise ValueError(f"the moving-digits metric reads digit and motion from each prompt; it cannot read "
+                                 f"{unparsed[0]!r} (e.g. 'a 7 moving left and right')")  # fmt: skip
+            motions = [m for _, m in asked] if motions is None else motions
+            labels = torch.tensor([d for d, _ in asked]) if labels is None else labels
+        self._check_samples(samples, labels, motions)
         frame_features, clip_features, predictions = self._embed(samples)
         result = {
             "clip_consistency": float(clip_consistency(predictions).mean()),
@@ -420,8 +453,46 @@ class MovingDigitsMetric(Metric):
             result["frame_accuracy"] = frame_accuracy(predictions, labels.cpu().long())
         if self.reference_accuracy is not None:
             result["classifier_reference_accuracy"] = self.reference_accuracy
+        result["shape_consistency"] = float(shape_consistency(samples).mean())
+        result["reference_shape_consistency"] = self.reference_shape_consistency
+        if self.motion_classifier is not None:
+            predicted = self.motion_classifier.predict(samples)  # (N,) indices into MOTIONS
+            histogram = motion_histogram(predicted)
+            result["motion_tv"] = total_variation(histogram, self.reference_motion_histogram)
+            reference = self.reference_motion_histogram.tolist()
+            for name, generated, expected in zip(MOTIONS, histogram.tolist(), reference):
+                result[f"motion_histogram_{name}"] = generated
+                result[f"reference_motion_histogram_{name}"] = expected
+            if motions is not None:
+                prompted = torch.tensor([MOTIONS.index(m) for m in motions])
+                result["motion_accuracy"] = float((predicted == prompted).double().mean())
+        if asked is not None:  # seen and held-out prompts apart
+            held_out = torch.tensor([pair in self.held_out_pairs for pair in asked])
+            for group, members in (("seen", ~held_out), ("held_out", held_out)):
+                result[f"num_samples_{group}"] = float(members.sum())
+                if not members.any():
+                    continue
+                result[f"frame_accuracy_{group}"] = frame_accuracy(predictions[members], labels.cpu().long()[members])
+                result[f"clip_consistency_{group}"] = float(clip_consistency(predictions[members]).mean())
+                if self.motion_classifier is not None:
+                    result[f"motion_accuracy_{group}"] = float((predicted == prompted)[members].double().mean())
         self.num_samples = len(samples)
         return result
+
+    def _describe_motion_classifier(self) -> dict[str, Any]:
+        motion = self.motion_classifier
+        shape = self.reference_clip_shape
+        return {
+            "name": "MotionClassifier (MLP on the intensity-centroid trajectory)",
+            "used": motion is not None,
+            "why_not": None if motion is not None or shape is None else f"clips of {shape[1]} frames, fewer than "
+            f"{MIN_MOTION_FRAMES}",
+            "settings": None if motion is None else motion.settings,
+            "settings_hash": None if motion is None else motion.settings_hash,
+            "weights_sha256": None if motion is None else motion.weights_sha256,
+            "test_accuracy_at_training": None if motion is None else motion.test_accuracy,
+            "test_accuracies_at_training": None if motion is None else motion.accuracy_report(),
+        }  # fmt: skip
 
     def protocol(self) -> dict[str, Any]:
         """JSON-able description of how ``compute``'s numbers are made (call after ``prepare``)."""
@@ -436,10 +507,14 @@ class MovingDigitsMetric(Metric):
                 "weights_sha256": None if classifier is None else classifier.weights_sha256,
                 "test_accuracy_at_training": None if classifier is None else classifier.test_accuracy,
             },
+            "motion_classifier": self._describe_motion_classifier(),
             "reference": self.reference_description,
             "reference_size": self.reference_description.get("size"),
             "num_samples": self.num_samples,
             "definitions": {
+                "prompts": "a text recipe's captions, read by parse_caption for the digit and motion asked for; "
+                "_seen / _held_out: the accuracies over prompts whose (digit, motion) pair the training split "
+                "showed / over the reference's held_out_pairs",
                 "intensity": "clamp((x + 1) / 2, 0, 1), averaged over channels",
                 "centroid": "intensity-weighted mean pixel (y, x), 0 at the top-left pixel centre; "
                 "the canvas centre for a black frame",
@@ -455,6 +530,19 @@ class MovingDigitsMetric(Metric):
                 "the trajectory: each later frame's scaled centroid minus the first frame's",
                 "fvd_digits": "Frechet distance of clip features (unbiased covariances, float64)",
                 "frame_fid_digits": "Frechet distance of frame features of all frames of all clips",
+                "ink": f"intensity > {INK_THRESHOLD}",
+                "shape_consistency": "mean over clips of the mean over frames t >= 1 of the IoU of frame t's ink "
+                "mask with frame 0's, both in windows of 2 max(H, W) + 1 pixels centred on their (rounded) "
+                "centroids, best over shifts of frame t's window by up to 1 pixel in y and x; a pair in which "
+                "either frame has no ink scores 0; a digit translated by whole pixels scores 1",
+                "reference_shape_consistency": "shape_consistency of the reference clips",
+                "motion_type": f"the motion classifier's prediction among {', '.join(MOTIONS)} from the centroid "
+                f"trajectory (minus its mean, divided by the canvas side, resampled to {TRAJECTORY_POINTS} times)",
+                "motion_histogram_<type>": "fraction of sample clips predicted as <type>",
+                "reference_motion_histogram_<type>": "fraction of reference clips predicted as <type>",
+                "motion_tv": "total variation distance 0.5 sum |p - q| between the motion-type histograms of the "
+                "samples and of the reference clips",
+                "motion_accuracy": "fraction of sample clips whose predicted motion type is the prompted one",
             },
             "fid": {"implementation": "torchmetrics.FrechetInceptionDistance on given features", "dtype": "float64"},
             "samples": "clamped to [-1, 1] before cropping",
