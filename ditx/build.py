@@ -156,6 +156,7 @@ def build_model(
         attention_backend=m.attention_backend,
         context_dim=context_dim,
         pooled_dim=pooled_dim,
+        context_pool=m.context_pool,
         **sizes,
     )
     model.enable_gradient_checkpointing(m.gradient_checkpointing)

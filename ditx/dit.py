@@ -130,6 +130,16 @@ def _ungroup(x: Tensor, grid: Grid, attend: tuple[int, ...]) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, L, D) tokens, (B, L) bool mask (True = real) -> (B, D) mean of each row's real tokens
+    (of all its tokens when the mask is None or a row has none)."""
+    if mask is None:
+        return tokens.mean(1)
+    keep = mask.bool()
+    keep = (keep | ~keep.any(1, keepdim=True)).to(tokens.dtype)[..., None]  # (B, L, 1)
+    return (tokens * keep).sum(1) / keep.sum(1)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x * (1 + scale) + shift, with per-sample (B, D) shift/scale over (B, N, D) tokens."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
@@ -275,6 +285,9 @@ class DiT(nn.Module):
             cross-attention with an optional (B, L) padding mask.
         pooled_dim: width of an optional pooled text embedding (CLIP's), projected and added
             to the timestep condition (SD3).
+        context_pool: also add the masked mean of the context tokens, projected, to the
+            timestep condition (Hunyuan-DiT adds pooled T5 tokens so): every block's adaLN
+            then sees the caption, not only its cross-attention.
         hidden_size: needed only with a tokenizer spec.
 
     ``forward(x, t, y=None, context=None, context_mask=None, pooled=None)`` maps
@@ -294,6 +307,7 @@ class DiT(nn.Module):
         context_dim: int | None = None,
         hidden_size: int | None = None,
         pooled_dim: int | None = None,
+        context_pool: bool = False,
     ):
         super().__init__()
         if isinstance(tokenizer, dict):
@@ -323,6 +337,8 @@ class DiT(nn.Module):
         )  # fmt: skip
         if pooled_dim is not None and self.config is not None:  # only then: older model configs stay as they were
             self.config["pooled_dim"] = pooled_dim
+        if context_pool and self.config is not None:
+            self.config["context_pool"] = True
         hidden_size = tokenizer.hidden_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -335,6 +351,9 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.context_embedder = ContextProjection(context_dim, hidden_size) if context_dim else None
         self.pooled_embedder = PooledTextProjection(pooled_dim, hidden_size) if pooled_dim else None
+        if context_pool and not context_dim:
+            raise ValueError("context_pool needs context tokens (context_dim)")
+        self.context_pool_embedder = PooledTextProjection(context_dim, hidden_size) if context_pool else None
         self.layout = resolve_layout(layout, depth, tokenizer.axes)
         self.blocks = nn.ModuleList(
             DiTBlock(
@@ -438,6 +457,8 @@ class DiT(nn.Module):
         if self.context_embedder is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention (context_dim is set): pass context=(B, L, context_dim)")
+            if self.context_pool_embedder is not None:  # the caption's mean token joins the condition too
+                c = c + self.context_pool_embedder(masked_mean(context, context_mask))
             context = self.context_embedder(context)  # (B, L, D)
         elif context is not None:
             raise ValueError("context tokens given, but this DiT has no cross-attention (context_dim=None)")

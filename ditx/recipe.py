@@ -73,6 +73,8 @@ class ModelConfig:
     context_dim: int | None = None
     # add the text encoder's pooled embedding (CLIP) to the timestep condition, as SD3 does
     pooled_text: bool = True
+    # add the mean of the caption's tokens (e.g. T5's) to the timestep condition, as Hunyuan-DiT does
+    context_pool: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False
 

@@ -38,8 +38,9 @@ def test_padding_tokens_never_change_the_output_and_the_mask_decides_which_are_p
     assert not torch.allclose(model(x, t, context=changed, context_mask=mask), out)
 
 
-def test_a_caption_whose_mask_is_all_padding_attends_to_every_token_instead_of_giving_nan():
-    model = tiny_dit()
+@pytest.mark.parametrize("backend", ["sdpa", "math", "eager"])
+def test_a_caption_whose_mask_is_all_padding_attends_to_every_token_instead_of_giving_nan(backend):
+    model = tiny_dit(attention_backend=backend)
     out = model(torch.randn(1, 1, 8, 8), torch.tensor([3.0]), context=torch.randn(1, 4, 8),
                 context_mask=torch.zeros(1, 4, dtype=torch.bool))  # fmt: skip
     assert torch.isfinite(out).all()
@@ -124,3 +125,28 @@ def test_prompt_slugs_are_short_safe_file_names():
     assert len(long) <= 40 and long.endswith("word")
     stem = sample_stem(3, torch.tensor([0, 0, 0, 7]), ["", "", "", "a 7 circling"])
     assert stem == "sample_00003_class7_a-7-circling"
+
+
+def test_context_pooling_adds_the_mean_of_the_real_tokens_to_the_condition():
+    from ditx.dit import masked_mean
+
+    tokens = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.testing.assert_close(masked_mean(tokens, mask), torch.stack([tokens[0, :2].mean(0), tokens[1].mean(0)]))
+    model = tiny_dit(context_pool=True)
+    assert model.config["context_pool"] is True and "context_pool" not in tiny_dit().config
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([5.0])
+    context, mask = torch.randn(1, 3, 8), torch.tensor([[True, True, False]])
+    out = model(x, t, context=context, context_mask=mask)
+    for block in model.blocks:  # without cross-attention, the caption reaches the output only through c
+        block.cross_attn.proj.weight.data.zero_()
+        block.cross_attn.proj.bias.data.zero_()
+    changed = context.clone()
+    changed[0, 2] += 5.0  # padding: ignored by the mean too
+    torch.testing.assert_close(model(x, t, context=changed, context_mask=mask), model(x, t, context=context,
+                                                                                      context_mask=mask))  # fmt: skip
+    changed[0, 0] += 1.0
+    assert not torch.allclose(model(x, t, context=changed, context_mask=mask), out)
+    with pytest.raises(ValueError, match="context_pool needs context tokens"):
+        DiT({"name": "patch2d", "in_channels": 1, "out_channels": 1, "patch_size": 2}, depth=1, num_heads=2,
+            hidden_size=16, context_pool=True)  # fmt: skip

@@ -232,3 +232,32 @@ def test_eval_draws_prompts_from_the_test_split_and_records_them(text_run, tmp_p
     assert "class_accuracy" in results  # judged against the labels of the items whose captions were drawn
     again = evaluate_run(text_run, out=tmp_path / "again.json")
     assert json.loads((tmp_path / "again.json").read_text())["protocol"]["prompts"] == prompts and again == results
+
+
+def test_a_clip_text_tower_adds_its_pooled_embedding_through_training_and_sampling(captioned_digits, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ditx.build import load_for_sampling
+    from ditx.generation import generate
+    from ditx.text import word_level_tokenizer
+    from ditx.train import train
+
+    words = ["a", *NUMBER_WORDS]
+    tokenizer = word_level_tokenizer(words)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=8, projection_dim=12, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPTextModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    data = text_recipe_dict(captioned_digits, tmp_path, train={"steps": 2})
+    data["text_encoder"] = {"name": "hf-text", "pretrained": str(tmp_path / "clip"), "kind": "clip", "max_length": 4}
+    recipe = recipe_from_dict(data)
+    run = train(recipe, run_dir=tmp_path / "run")
+    config = json.loads((run / "checkpoints" / "step_00000002" / "ema" / "config.json").read_text())
+    assert config["pooled_dim"] == 12 and config["context_dim"] == 16
+    assert "pooled_embedder.fc1.weight" in final_weights(run)
+    _, parts, model = load_for_sampling(run)
+    a, _ = generate(parts, model, 1, captions=["a seven"])
+    torch.nn.init.normal_(model.pooled_embedder.fc2.weight)  # the pooled embedding is used in sampling
+    assert not torch.allclose(a, generate(parts, model, 1, captions=["a seven"])[0])
