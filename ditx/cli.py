@@ -306,7 +306,7 @@ def run_sample(args: argparse.Namespace) -> int:
     overrides = _check_overrides(args.overrides)
     if args.num is not None and args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
-    from ditx.sample import read_prompts, sample_from
+    from ditx.sample import sample_from
 
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     out = sample_from(
@@ -315,6 +315,21 @@ def run_sample(args: argparse.Namespace) -> int:
     )
     print(out)
     return 0
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a JSON list of strings (``.json``), else one prompt per line (blank lines skipped)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts file {str(path)!r} must hold a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------

@@ -77,20 +77,3 @@ def sample_from(
         extra(samples, out, labels)
     logger.info("wrote %d samples to %s", num, out)
     return out
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: a JSON list of strings (``.json``), else one prompt per line (blank lines skipped)."""
-    import json
-
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts file {str(path)!r} must hold a JSON list of strings")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
-    return prompts

@@ -220,10 +220,26 @@ def test_sample_passes_path_num_out_recipe_and_overrides(tmp_path, job, capsys):
                 "overrides": ["sample.guidance_scale=4.0", "sample.num_steps=10"],
                 "fmt": None,
                 "overwrite": False,
+                "prompts": None,
+                "negative_prompt": None,
             },
         )
     ]
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+
+
+def test_sample_prompts_from_flags_and_files(tmp_path, job):
+    calls = job("ditx.sample", "sample_from", returns=tmp_path)
+    (tmp_path / "p.txt").write_text("a two\n\n  a three  \n")
+    (tmp_path / "p.json").write_text('["a four"]')
+    argv = ["sample", str(tmp_path), "--prompt", "a seven", "--prompts", str(tmp_path / "p.txt"),
+            "--negative-prompt", "a one"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls[0][1]["prompts"] == ["a seven", "a two", "a three"] and calls[0][1]["negative_prompt"] == "a one"
+    assert main(["sample", str(tmp_path), "--prompts", str(tmp_path / "p.json")]) == 0
+    assert calls[1][1]["prompts"] == ["a four"]
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    assert main(["sample", str(tmp_path), "--prompts", str(tmp_path / "bad.json")]) == 2
 
 
 def test_sample_format_npz(tmp_path, job):
@@ -236,7 +252,8 @@ def test_sample_defaults(tmp_path, job):
     calls = job("ditx.sample", "sample_from", returns=tmp_path)
     assert main(["sample", str(tmp_path)]) == 0
     assert calls == [
-        ((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": [], "fmt": None, "overwrite": False})
+        ((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": [], "fmt": None, "overwrite": False,
+                       "prompts": None, "negative_prompt": None})  # fmt: skip
     ]
     assert main(["sample", str(tmp_path), "--overwrite"]) == 0
     assert calls[-1][1]["overwrite"] is True
