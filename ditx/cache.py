@@ -26,9 +26,11 @@ from ditx.latents import (
     INDEX_NAME,
     CachedLatents,
     StaleCacheError,
+    cached_captions,
     fingerprint,
     fingerprint_difference,
     maybe_cached_dataset,
+    no_captions_error,
 )
 from ditx.recipe import Recipe
 
@@ -149,12 +151,9 @@ def _cache_captions(recipe: Recipe, out: Path, device) -> None:
     path = out / caption_table_name(key)
     if path.is_file():
         return
-    captions = CachedLatents(out).captions
+    captions = cached_captions(out)
     if captions is None:
-        raise ValueError(
-            f"{recipe.name or 'the recipe'} has a text encoder, but its dataset {recipe.data.name!r} gives no "
-            f"captions (see docs/datasets.md: a caption column in the manifest or a .txt beside each file)"
-        )
+        raise no_captions_error(recipe)
     encoder = build_text_encoder(recipe).to(device)
     # the recipe's preview prompts too, so training previews need no encoder either
     wanted = captions + list(recipe.sample.prompts or []) + [recipe.sample.negative_prompt]

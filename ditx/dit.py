@@ -130,13 +130,21 @@ def _ungroup(x: Tensor, grid: Grid, attend: tuple[int, ...]) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def attendable(mask: Tensor | None) -> Tensor | None:
+    """A (B, L) padding mask (True = real token) as bool, with a row of padding only made all
+    True: a caption without tokens then attends to all of them, not to none (which is NaN)."""
+    if mask is None:
+        return None
+    keep = mask.bool()
+    return keep | ~keep.any(1, keepdim=True)
+
+
 def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """(B, L, D) tokens, (B, L) bool mask (True = real) -> (B, D) mean of each row's real tokens
-    (of all its tokens when the mask is None or a row has none)."""
+    """(B, L, D) tokens, (B, L) ``attendable`` mask -> (B, D) mean of each row's real tokens
+    (of all tokens when the mask is None)."""
     if mask is None:
         return tokens.mean(1)
-    keep = mask.bool()
-    keep = (keep | ~keep.any(1, keepdim=True)).to(tokens.dtype)[..., None]  # (B, L, 1)
+    keep = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
     return (tokens * keep).sum(1) / keep.sum(1)
 
 
@@ -175,7 +183,8 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Tokens attend to context tokens (PixArt-style), with an optional (B, L) padding mask."""
+    """Tokens attend to context tokens (PixArt-style), with an optional (B, L) bool padding mask
+    holding a True in every row (``attendable``: the DiT makes it once per forward)."""
 
     def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -191,11 +200,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         kv = self.kv(context).view(b, context.shape[1], 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
-        mask = None
-        if context_mask is not None:
-            keep = context_mask.bool()
-            keep = keep | ~keep.any(1, keepdim=True)  # a caption without tokens: attend to all, not to none (NaN)
-            mask = keep[:, None, None, :]  # (B, 1, 1, L)
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, L)
         out = attention(q, k, v, mask=mask, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -457,6 +462,7 @@ class DiT(nn.Module):
         if self.context_embedder is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention (context_dim is set): pass context=(B, L, context_dim)")
+            context_mask = attendable(context_mask)  # once for every block's cross-attention
             if self.context_pool_embedder is not None:  # the caption's mean token joins the condition too
                 c = c + self.context_pool_embedder(masked_mean(context, context_mask))
             context = self.context_embedder(context)  # (B, L, D)

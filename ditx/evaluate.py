@@ -66,15 +66,15 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         metric.prepare(reference, device)
     sample_cfg = recipe.sample
     sample_cfg.seed, sample_cfg.batch_size = cfg.seed, cfg.batch_size
-    captions = labels = None
-    if parts.text_encoder is not None:
+    captions = labels = drawn = None
+    if parts.text_encoder is not None:  # prompts (and their items' labels) from the test split
         parts.text_encoder.to(device)
         captions, labels, drawn = test_prompts(reference, cfg.num_samples, cfg.seed)
     tic = time.perf_counter()
-    model_labels = labels if parts.num_classes > 0 else None
-    samples, model_labels = generate(parts, model, cfg.num_samples, device, labels=model_labels, config=sample_cfg,
-                                     progress=True, captions=captions)  # fmt: skip
-    labels = model_labels if captions is None else labels
+    samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
+                                      labels=labels if parts.num_classes > 0 else None, captions=captions)  # fmt: skip
+    if captions is None:
+        labels = generated_for
     seconds = time.perf_counter() - tic
     results: dict[str, float] = {}
     protocols = {}

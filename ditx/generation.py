@@ -60,6 +60,8 @@ def generate(
             raise ValueError(f"{parts.recipe.name or 'this'} is a text recipe: give one caption (a str) per sample, "
                              f"{num} in all, got {captions if captions is None else len(captions)}")  # fmt: skip
         pooled = model.pooled_embedder is not None
+        # the negative prompt's condition, encoded once for the largest batch (each batch takes its rows)
+        negative = text.encode([config.negative_prompt] * min(num, config.batch_size)).to(device).model_kwargs(pooled)
     elif captions is not None:
         raise ValueError(f"captions were given, but {parts.recipe.name or 'the recipe'} has no text_encoder")
     was_training = model.training
@@ -80,7 +82,7 @@ def generate(
         cond, uncond = {}, {}
         if text is not None:
             cond = text.encode(captions[start:stop]).to(device).model_kwargs(pooled)
-            uncond = text.encode([config.negative_prompt] * (stop - start)).to(device).model_kwargs(pooled)
+            uncond = {k: v[: stop - start] for k, v in negative.items()}
         with autocast_for(parts.recipe, device):
             z = diffusion_sample(
                 model, parts.objective, (stop - start, *parts.latent_shape),

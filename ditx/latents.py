@@ -73,21 +73,18 @@ class CachedLatents(Dataset):
 
     def __init__(self, root: str | Path, seed: int = 0):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         root = Path(root)
         index = json.loads((root / INDEX_NAME).read_text())
-        parts, captions = [], []
+        latents, labels, captions = [], [], []
         for shard in index["shards"]:
-            path = str(root / shard["file"])
-            parts.append(load_file(path))
-            with safe_open(path, framework="pt") as f:  # a shard's captions are in its metadata
+            with safe_open(str(root / shard["file"]), framework="pt") as f:
+                latents.append(f.get_tensor("latents"))
+                labels.append(f.get_tensor("labels"))
                 captions.append((f.metadata() or {}).get("captions"))
-        self.latents: Tensor = torch.cat([p["latents"] for p in parts])  # (N, V, *latent)
-        self.labels: Tensor = torch.cat([p["labels"] for p in parts])
-        self.captions: list[str] | None = None
-        if captions and all(c is not None for c in captions):
-            self.captions = [c for shard in captions for c in json.loads(shard)]
+        self.latents: Tensor = torch.cat(latents)  # (N, V, *latent)
+        self.labels: Tensor = torch.cat(labels)
+        self.captions = _joined_captions(captions)
         self.variants = index["variants"]
         self.data_shape = tuple(index["fingerprint"]["latent_shape"])
         self.seed, self.epoch = seed, 0
@@ -106,6 +103,33 @@ class CachedLatents(Dataset):
         if self.captions is not None:
             item["caption"] = self.captions[index]
         return item
+
+
+def _joined_captions(per_shard: list[str | None]) -> list[str] | None:
+    """The items' captions from each shard's ``captions`` metadata (JSON), None when a shard has none."""
+    if not per_shard or any(c is None for c in per_shard):
+        return None
+    return [c for shard in per_shard for c in json.loads(shard)]
+
+
+def cached_captions(root: str | Path) -> list[str] | None:
+    """A cache's captions in item order (read from the shards' metadata only, not their latents)."""
+    from safetensors import safe_open
+
+    root = Path(root)
+    per_shard = []
+    for shard in json.loads((root / INDEX_NAME).read_text())["shards"]:
+        with safe_open(str(root / shard["file"]), framework="pt") as f:
+            per_shard.append((f.metadata() or {}).get("captions"))
+    return _joined_captions(per_shard)
+
+
+def no_captions_error(recipe: Recipe) -> ValueError:
+    """The error of a text recipe whose data gives no captions."""
+    return ValueError(
+        f"{recipe.name or 'the recipe'} has a text encoder, but its dataset {recipe.data.name!r} gives no captions "
+        f"(see docs/datasets.md: a caption column in the manifest or a .txt beside each file)"
+    )
 
 
 def cached_caption_table(recipe: Recipe, root: str | Path | None = None):

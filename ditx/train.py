@@ -291,16 +291,13 @@ class Trainer:
     def _text_source(self):
         """What turns a batch's captions into context: the caption embeddings cached beside the
         latents when there are some (the encoder is then never loaded), else the text encoder."""
-        from ditx.latents import cached_caption_table
+        from ditx.latents import cached_caption_table, no_captions_error
 
         recipe, parts = self.recipe, self.parts
         if recipe.text_encoder is None:
             return None
         if self.dataset.captions is None:
-            raise ValueError(
-                f"{recipe.name or 'the recipe'} has a text encoder, but its dataset {recipe.data.name!r} gives no "
-                f"captions (see docs/datasets.md: a caption column in the manifest or a .txt beside each file)"
-            )
+            raise no_captions_error(recipe)
         if self.cached:
             table = cached_caption_table(recipe)
             if table is not None:

@@ -128,11 +128,13 @@ def test_prompt_slugs_are_short_safe_file_names():
 
 
 def test_context_pooling_adds_the_mean_of_the_real_tokens_to_the_condition():
-    from ditx.dit import masked_mean
+    from ditx.dit import attendable, masked_mean
 
     tokens = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
     mask = torch.tensor([[True, True, False], [False, False, False]])
-    torch.testing.assert_close(masked_mean(tokens, mask), torch.stack([tokens[0, :2].mean(0), tokens[1].mean(0)]))
+    assert attendable(mask).tolist() == [[True, True, False], [True, True, True]]
+    expected = torch.stack([tokens[0, :2].mean(0), tokens[1].mean(0)])
+    torch.testing.assert_close(masked_mean(tokens, attendable(mask)), expected)
     model = tiny_dit(context_pool=True)
     assert model.config["context_pool"] is True and "context_pool" not in tiny_dit().config
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([5.0])
