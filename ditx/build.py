@@ -157,6 +157,10 @@ def build_model(
         context_dim=context_dim,
         pooled_dim=pooled_dim,
         context_pool=m.context_pool,
+        position=m.position,
+        rope_shares=m.rope_shares,
+        rope_theta=m.rope_theta,
+        qk_norm=m.qk_norm,
         **sizes,
     )
     model.enable_gradient_checkpointing(m.gradient_checkpointing)

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ditx.attention import attention
 from ditx.embeddings import ContextProjection, LabelEmbedder, PooledTextProjection, TimestepEmbedder
+from ditx.positions import POSITIONS, RotaryPositions, apply_rotary, rope_dims
 from ditx.tokenizer import Grid, Tokenizer
 
 # depth, hidden size, heads (Table 1 of the DiT paper); the patch size is the "/p" suffix.
@@ -154,9 +155,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens or over groups along some grid axes."""
+    """Multi-head self-attention over all tokens or over groups along some grid axes, with
+    optional RMS-normalised queries and keys (``qk_norm``, as SD3 and FLUX) and rotary positions
+    (``rope``: the ``(cos, sin)`` tables of the grouped sequence, ``RotaryPositions.tables``)."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto", qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
@@ -164,10 +167,17 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: Tensor, grid: Grid, attend: tuple[int, ...] | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        grid: Grid,
+        attend: tuple[int, ...] | None = None,
+        mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         d = x.shape[-1]
         if attend is not None:  # regroup the D-wide tokens, not the 3D-wide qkv (a third of the copying)
@@ -175,6 +185,10 @@ class Attention(nn.Module):
         bg, n = x.shape[:2]
         qkv = self.qkv(x).view(bg, n, 3, self.num_heads, self.head_dim)  # (B', n, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', H, n, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (n, d/2) tables: the same for every sequence of the block
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = attention(q, k, v, mask=mask, backend=self.backend)  # (B', H, n, d); mask (n, n)
         out = self.proj(out.transpose(1, 2).reshape(bg, n, d))  # (B', n, D)
         if attend is not None:
@@ -227,11 +241,12 @@ class DiTBlock(nn.Module):
         attend: tuple[int, ...] | None = None,
         cross_attention: bool = False,
         backend: str = "auto",
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.attend = attend
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, backend)
+        self.attn = Attention(hidden_size, num_heads, backend, qk_norm)
         self.cross_attn = CrossAttention(hidden_size, num_heads, backend) if cross_attention else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -245,10 +260,11 @@ class DiTBlock(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h, grid, self.attend, attn_mask)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h, grid, self.attend, attn_mask, rope)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -313,8 +329,16 @@ class DiT(nn.Module):
         hidden_size: int | None = None,
         pooled_dim: int | None = None,
         context_pool: bool = False,
+        position: str = "sincos",
+        rope_shares: dict[str, float] | Sequence[float] | None = None,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = False,
     ):
         super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"unknown model.position {position!r}; allowed: {', '.join(POSITIONS)}")
+        if position != "rope" and rope_shares is not None:
+            raise ValueError(f"model.rope_shares is for rotary positions, but model.position is {position!r}")
         if isinstance(tokenizer, dict):
             from ditx.registry import tokenizers
 
@@ -344,6 +368,10 @@ class DiT(nn.Module):
             self.config["pooled_dim"] = pooled_dim
         if context_pool and self.config is not None:
             self.config["context_pool"] = True
+        if self.config is not None:  # recorded only when not the defaults: older configs stay as they were
+            extra = dict(position=position, rope_shares=rope_shares, rope_theta=rope_theta, qk_norm=qk_norm)
+            defaults = dict(position="sincos", rope_shares=None, rope_theta=10000.0, qk_norm=False)
+            self.config.update({k: v for k, v in extra.items() if v != defaults[k]})
         hidden_size = tokenizer.hidden_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -360,6 +388,13 @@ class DiT(nn.Module):
             raise ValueError("context_pool needs context tokens (context_dim)")
         self.context_pool_embedder = PooledTextProjection(context_dim, hidden_size) if context_pool else None
         self.layout = resolve_layout(layout, depth, tokenizer.axes)
+        self.position = position
+        head_dim = hidden_size // num_heads
+        self.rope = (
+            RotaryPositions(tokenizer.axes, head_dim, rope_dims(tokenizer.axes, head_dim, rope_shares), rope_theta)
+            if position == "rope"
+            else None
+        )
         self.blocks = nn.ModuleList(
             DiTBlock(
                 hidden_size,
@@ -368,6 +403,7 @@ class DiT(nn.Module):
                 attend=None if axes is None else tuple(tokenizer.axes.index(a) for a in axes),
                 cross_attention=context_dim is not None,
                 backend=attention_backend,
+                qk_norm=qk_norm,
             )
             for axes in self.layout
         )
@@ -453,9 +489,14 @@ class DiT(nn.Module):
         # torch 2.13's inductor compute wrong gradients in compiled blocks (7-12% off in tests)
         tokens = tokens.contiguous()
         masks = self._image_masks(grid, num_images, tokens.device) if num_images else {}
-        codes = self.x_embedder.position_codes(grid, tokens.device)  # (N, D) or None
-        if codes is not None:
-            tokens = tokens + codes.to(tokens.dtype)
+        if self.position == "sincos":
+            codes = self.x_embedder.position_codes(grid, tokens.device)  # (N, D) or None
+            if codes is not None:
+                tokens = tokens + codes.to(tokens.dtype)
+        # rotary: one (cos, sin) pair of (n, head_dim/2) tables per distinct block layout
+        ropes = {} if self.rope is None else {
+            block.attend: self.rope.tables(grid, block.attend, tokens.device) for block in self.blocks
+        }  # fmt: skip
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         c = self.embed_condition(t, y, force_drop, pooled)  # (B, D)
@@ -469,11 +510,11 @@ class DiT(nn.Module):
         elif context is not None:
             raise ValueError("context tokens given, but this DiT has no cross-attention (context_dim=None)")
         for block in self.blocks:
-            mask = masks.get(block.attend)
+            mask, rope = masks.get(block.attend), ropes.get(block.attend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, grid, context, context_mask, mask, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, grid, context, context_mask, mask, rope, use_reentrant=False)
             else:
-                tokens = block(tokens, c, grid, context, context_mask, mask)  # (B, N, D)
+                tokens = block(tokens, c, grid, context, context_mask, mask, rope)  # (B, N, D)
         tokens = self.final_layer(tokens, c)  # (B, N, patch_numel * out_channels)
         return self.x_embedder.untokenize(tokens, grid)  # (B, out_channels, *spatial)
 

@@ -75,6 +75,12 @@ class ModelConfig:
     pooled_text: bool = True
     # add the mean of the caption's tokens (e.g. T5's) to the timestep condition, as Hunyuan-DiT does
     context_pool: bool = False
+    # sincos: fixed codes added to the tokens (DiT); rope: rotary positions over the tokenizer's
+    # axes inside attention (rope_shares weighs the axes, e.g. {time: 2, height: 1, width: 1})
+    position: Literal["sincos", "rope", "none"] = "sincos"
+    rope_shares: dict[str, float] | list[float] | None = None
+    rope_theta: float = 10000.0
+    qk_norm: bool = False  # RMS-normalised queries and keys (SD3, FLUX)
     gradient_checkpointing: bool = False
     compile: bool = False
 

@@ -1,4 +1,4 @@
-"""The tokenizer contract, the N-D patch tokenizer every modality builds on, and sin-cos codes.
+"""The tokenizer contract and the N-D patch tokenizer every modality builds on.
 
 A tokenizer turns a modality's tensor ``(B, C, *spatial)`` into tokens ``(B, N, hidden)``
 on a named grid (``axes``) and back. The backbone only sees tokens, the grid and the
@@ -13,41 +13,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ditx.positions import sincos_nd
+
 Grid = tuple[int, ...]
-
-
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """(P,) positions -> (P, dim) codes: ``dim/2`` sines then ``dim/2`` cosines (MAE / DiT)."""
-    if dim % 2:
-        raise ValueError(f"sin-cos code size must be even, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    angles = np.outer(positions.reshape(-1).astype(np.float64), omega)  # (P, dim/2)
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-
-def sincos_nd(dim: int, grid: Sequence[int]) -> np.ndarray:
-    """(prod(grid), dim) fixed codes for a row-major grid of any number of axes.
-
-    The channels are split into one even-sized chunk per axis, the *last* axis first:
-    for a 2D ``(h, w)`` grid this is exactly DiT/MAE's ``get_2d_sincos_pos_embed``
-    (first half encodes the column, second half the row). When ``dim`` does not split
-    evenly (e.g. 1024 channels over 3 axes), the leading chunks get 2 channels more.
-    """
-    n = len(grid)
-    if dim % 2:
-        raise ValueError(f"position code size must be even, got {dim}")
-    pairs, extra = divmod(dim // 2, n)
-    if pairs == 0:
-        raise ValueError(f"position code size {dim} is too small for {n} axes (need at least {2 * n})")
-    sizes = [2 * (pairs + (i < extra)) for i in range(n)]
-    coords = np.meshgrid(*[np.arange(g, dtype=np.float64) for g in grid], indexing="ij")
-    chunks = [sincos_1d(size, coords[axis]) for size, axis in zip(sizes, reversed(range(n)))]
-    return np.concatenate(chunks, axis=1)
 
 
 class Tokenizer(nn.Module):

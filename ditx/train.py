@@ -331,7 +331,7 @@ class Trainer:
         cfg = self.cfg
         g = step_generator(cfg.seed, self.step)
         self.noise_all = torch.randn(cfg.batch_size, *self.parts.latent_shape, generator=g)
-        self.t_all = self.objective.sample_t(cfg.batch_size, generator=g)
+        self.t_all = self.objective.sample_t(cfg.batch_size, shape=self.parts.latent_shape, generator=g)
         self.drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.class_dropout_prob
         # drawn after the others, so recipes without text keep their random streams
         self.caption_drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.caption_dropout_prob

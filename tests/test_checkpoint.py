@@ -13,7 +13,7 @@ from ditx.cli import main
 from ditx.dit import DiT, build_dit
 from ditx.files import atomic_write
 from ditx.official import inspect_official_dit, load_official_dit, official_dit_keys, read_state_dict
-from ditx.tokenizer import sincos_nd
+from ditx.positions import sincos_nd
 
 # ---------------------------------------------------------------------------------------
 # helpers

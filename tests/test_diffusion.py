@@ -271,6 +271,25 @@ def test_flow_sampler_grid_uses_sample_shift():
     assert torch.allclose(sigmas, torch.cat([3 * grid / (1 + 2 * grid), torch.zeros(1)]))
 
 
+def test_shift_grows_with_the_square_root_of_the_latent_size():
+    """SD3 / Open-Sora: at 4x the reference's latent positions (2x the frames, 2x the width) the
+    shift doubles, in training draws and in the sampler's grid; at the reference it is unchanged."""
+    objective = RectifiedFlowObjective(shift=1.5, sample_shift=3.0, shift_reference=[8, 8, 8])
+    plain = RectifiedFlowObjective().sample_t(1000, generator=gen(5))
+    at_reference = objective.sample_t(1000, shape=(4, 8, 8, 8), generator=gen(5))
+    torch.testing.assert_close(at_reference, 1.5 * plain / (1 + 0.5 * plain))
+    larger = objective.sample_t(1000, shape=(4, 16, 8, 16), generator=gen(5))
+    torch.testing.assert_close(larger, 3.0 * plain / (1 + 2.0 * plain))
+    grid = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    sigmas = objective.make_scheduler("flow-euler", 4, shape=(4, 16, 8, 16)).sigmas
+    assert torch.allclose(sigmas, torch.cat([6 * grid / (1 + 5 * grid), torch.zeros(1)]))
+    assert torch.allclose(objective.make_scheduler("flow-euler", 4).sigmas[:4], 3 * grid / (1 + 2 * grid))
+    with pytest.raises(ValueError, match=r"shift_reference \[8, 8, 8\] has 3 dims, but the latents are"):
+        objective.sample_t(2, shape=(4, 8, 8))
+    with pytest.raises(ValueError, match=r"objective.shift_reference must be a latent size"):
+        RectifiedFlowObjective(shift_reference=[8, 0])
+
+
 # ---------------------------------------------------------------- guidance
 
 

@@ -121,7 +121,7 @@ def test_official_dit_converts_and_samples_through_the_paper_recipe(tmp_path):
 
     from ditx.cli import main
     from ditx.dit import build_dit
-    from ditx.tokenizer import sincos_nd
+    from ditx.positions import sincos_nd
 
     torch.manual_seed(0)
     model = build_dit("DiT-S/2", num_classes=1000)

@@ -8,7 +8,7 @@ from test_dit import randomize
 from test_tokenizer import identity_projection
 
 from ditx.dit import build_dit
-from ditx.tokenizer import sincos_nd
+from ditx.positions import sincos_nd
 
 
 def plain(tok):

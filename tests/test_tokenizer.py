@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from ditx.positions import sincos_nd
 from ditx.registry import tokenizers
-from ditx.tokenizer import PatchTokenizer, sincos_nd
+from ditx.tokenizer import PatchTokenizer
 
 
 def identity_projection(tok: PatchTokenizer) -> None:

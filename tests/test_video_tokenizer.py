@@ -8,8 +8,8 @@ from test_dit import randomize
 from test_tokenizer import identity_projection
 
 from ditx.dit import build_dit
+from ditx.positions import sincos_nd
 from ditx.registry import tokenizers
-from ditx.tokenizer import sincos_nd
 
 
 @pytest.mark.parametrize("patch,size", [((1, 2, 2), (16, 8, 8)), ((2, 2, 2), (8, 8, 12)), ((1, 4, 2), (3, 8, 6))])

@@ -13,7 +13,7 @@ default), ``v-prediction`` and ``rectified-flow``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,17 +103,25 @@ class Objective:
         """
         raise NotImplementedError
 
-    def sample_t(self, batch_size: int, *, device=None, generator: torch.Generator | None = None) -> Tensor:
-        """Training timesteps (B,) in the objective's own units."""
+    def sample_t(
+        self,
+        batch_size: int,
+        *,
+        shape: Sequence[int] | None = None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Training timesteps (B,) in the objective's own units, for data of ``shape`` (C, *spatial)
+        (objectives whose schedule depends on the data's size read it; None: the recipe's size)."""
         raise NotImplementedError
 
     def model_timestep(self, t: Tensor) -> Tensor:
         """Scheduler timesteps -> the float t the model is conditioned on."""
         return t.float() * self.timestep_scale
 
-    def make_scheduler(self, name: str, num_steps: int, *, device=None):
+    def make_scheduler(self, name: str, num_steps: int, *, device=None, shape: Sequence[int] | None = None):
         """A diffusers scheduler ``name`` (one of ``SCHEDULERS``) configured for this objective,
-        with ``num_steps`` inference timesteps already set."""
+        with ``num_steps`` inference timesteps already set, for samples of ``shape`` (C, *spatial)."""
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
         if name not in self.schedulers:
@@ -123,9 +131,9 @@ class Objective:
             )
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        return self._scheduler(name, num_steps, device)
+        return self._scheduler(name, num_steps, device, shape)
 
-    def _scheduler(self, name: str, num_steps: int, device):
+    def _scheduler(self, name: str, num_steps: int, device, shape: Sequence[int] | None = None):
         raise NotImplementedError
 
     def model_output_to_scheduler(self, out: Tensor, scheduler) -> Tensor:
@@ -152,7 +160,7 @@ class Objective:
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} must equal x0 shape {tuple(x0.shape)}")
         if t is None:
-            t = self.sample_t(x0.shape[0], device=gen_device, generator=generator)
+            t = self.sample_t(x0.shape[0], shape=x0.shape[1:], device=gen_device, generator=generator)
         if t.shape != (x0.shape[0],):
             raise ValueError(f"t must have shape ({x0.shape[0]},) (one per sample), got {tuple(t.shape)}")
         return noise.to(x0.device), t.to(x0.device)
@@ -192,7 +200,7 @@ class _VPObjective(Objective):
             prediction_type=self.prediction_type,
         )
 
-    def sample_t(self, batch_size: int, *, device=None, generator=None) -> Tensor:
+    def sample_t(self, batch_size: int, *, shape=None, device=None, generator=None) -> Tensor:
         """Uniform integer steps in [0, T) (B,)."""
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
@@ -209,7 +217,7 @@ class _VPObjective(Objective):
     def variance_type(self) -> str:
         return "fixed_small"
 
-    def _scheduler(self, name: str, num_steps: int, device):
+    def _scheduler(self, name: str, num_steps: int, device, shape=None):
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
         # Latents are not bounded to [-1, 1], so the predicted x0 is clipped only when asked
@@ -374,6 +382,12 @@ class RectifiedFlowObjective(Objective):
     σ' = shift·σ / (1 + (shift−1)·σ) (shift > 1 spends more steps at high noise, as for large
     images in SD3). The sampler shifts its σ grid by ``sample_shift`` (default: ``shift``);
     SD3, for example, trains with shift 1 and samples with shift 3.
+
+    ``shift_reference`` (the latent spatial size at which ``shift`` and ``sample_shift`` hold,
+    e.g. ``[8, 8, 8]`` frames x height x width) makes both grow with the data's size: at a
+    size of ``m`` latent positions against the reference's ``n``, each is multiplied by
+    ``sqrt(m / n)``, SD3's resolution rule, which Open-Sora applies to space and time
+    together: more tokens carry more redundancy, so the same σ destroys less of the signal.
     """
 
     name = "rectified-flow"
@@ -388,6 +402,7 @@ class RectifiedFlowObjective(Objective):
         logit_std: float = 1.0,
         shift: float = 1.0,
         sample_shift: float | None = None,
+        shift_reference: Sequence[int] | None = None,
     ):
         sample_shift = shift if sample_shift is None else sample_shift
         for key, value in (("shift", shift), ("sample_shift", sample_shift)):
@@ -395,17 +410,35 @@ class RectifiedFlowObjective(Objective):
                 raise ValueError(f"{key} must be > 0, got {value!r}")
         if logit_std < 0:
             raise ValueError(f"logit_std must be >= 0, got {logit_std!r}")
+        if shift_reference is not None and (
+            not shift_reference or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shift_reference)
+        ):
+            raise ValueError(f"objective.shift_reference must be a latent size, positive ints such as [8, 8, 8], "
+                             f"got {shift_reference!r}")  # fmt: skip
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
         self.shift, self.sample_shift = float(shift), float(sample_shift)
+        self.shift_reference = None if shift_reference is None else tuple(shift_reference)
 
-    def shift_sigma(self, sigma: Tensor) -> Tensor:
-        """σ -> shift·σ / (1 + (shift−1)·σ); the identity for shift = 1."""
-        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+    def size_factor(self, shape: Sequence[int] | None) -> float:
+        """sqrt(positions of ``shape``'s spatial dims / the reference's); 1 without a reference or shape."""
+        if self.shift_reference is None or shape is None:
+            return 1.0
+        spatial = tuple(shape[1:])
+        if len(spatial) != len(self.shift_reference):
+            raise ValueError(f"objective.shift_reference {list(self.shift_reference)} has {len(self.shift_reference)} "
+                             f"dims, but the latents are (C, *spatial) = {tuple(shape)}")  # fmt: skip
+        return math.sqrt(math.prod(spatial) / math.prod(self.shift_reference))
 
-    def sample_t(self, batch_size: int, *, device=None, generator=None) -> Tensor:
-        """Shifted logit-normal σ in (0, 1) (B,)."""
+    def shift_sigma(self, sigma: Tensor, shift: float | None = None) -> Tensor:
+        """σ -> shift·σ / (1 + (shift−1)·σ) (``shift`` default: the objective's); the identity for 1."""
+        shift = self.shift if shift is None else shift
+        return shift * sigma / (1 + (shift - 1) * sigma)
+
+    def sample_t(self, batch_size: int, *, shape=None, device=None, generator=None) -> Tensor:
+        """Shifted logit-normal σ in (0, 1) (B,), the shift scaled to ``shape``'s size."""
         z = torch.randn(batch_size, generator=generator, device=device)
-        return self.shift_sigma(torch.sigmoid(self.logit_mean + self.logit_std * z))
+        sigma = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        return self.shift_sigma(sigma, self.shift * self.size_factor(shape))
 
     def loss(self, model, x0, *, y=None, model_kwargs=None, noise=None, t=None, generator=None):
         """Per-sample ``{"loss", "mse"}`` (B,); ``t`` is σ ∈ [0, 1] (B,)."""
@@ -416,11 +449,11 @@ class RectifiedFlowObjective(Objective):
         mse = mean_flat(((noise - x0).float() - out) ** 2)
         return {"loss": mse, "mse": mse}
 
-    def _scheduler(self, name: str, num_steps: int, device):
+    def _scheduler(self, name: str, num_steps: int, device, shape=None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         s = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=self.num_train_timesteps, shift=self.sample_shift
+            num_train_timesteps=self.num_train_timesteps, shift=self.sample_shift * self.size_factor(shape)
         )
         # Uniform σ grid 1 .. 1/num_steps (then shifted once by the scheduler, then σ=0 appended);
         # the default grid would shift σ_min twice.

@@ -76,7 +76,7 @@ def sample(
     if device is None:
         device = noise.device if noise is not None else next(_parameters(model), torch.empty(0)).device
     device = torch.device(device)
-    sched = objective.make_scheduler(scheduler, num_steps, device=device)
+    sched = objective.make_scheduler(scheduler, num_steps, device=device, shape=shape[1:])
     B = shape[0]
 
     guide = guidance_scale != 1.0

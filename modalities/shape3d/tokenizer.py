@@ -15,7 +15,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ditx.tokenizer import Grid, PatchTokenizer, sincos_nd
+from ditx.positions import sincos_nd
+from ditx.tokenizer import Grid, PatchTokenizer
 
 
 class TriplaneTokenizer(PatchTokenizer):
