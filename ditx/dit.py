@@ -150,8 +150,32 @@ def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x * (1 + scale) + shift, with per-sample (B, D) shift/scale over (B, N, D) tokens."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    """adaLN: x * (1 + scale) + shift over (B, N, D) tokens, with per-sample (B, D) shift/scale
+    or per-token (B, N, D) ones (``modulations``)."""
+    if shift.ndim == 2:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+# frame conditioning: (the condition of clean frames (B, D), which tokens are clean (B, N) bool)
+CleanTokens = tuple[Tensor, Tensor]
+
+
+def modulations(layer: nn.Module, c: Tensor, chunks: int, clean: CleanTokens | None) -> list[Tensor]:
+    """adaLN's ``chunks`` regressed values (shift, scale, gate, ...): (B, D) each from the (B, D)
+    condition ``c``; with clean conditioning frames, (B, N, D) each, taking the values of the
+    clean frames' condition on their tokens."""
+    values = layer(c).chunk(chunks, dim=1)
+    if clean is None:
+        return list(values)
+    c_clean, tokens = clean
+    values_clean = layer(c_clean).chunk(chunks, dim=1)
+    keep = tokens[..., None]  # (B, N, 1)
+    return [torch.where(keep, v0[:, None], v[:, None]) for v, v0 in zip(values, values_clean)]
+
+
+def _gated(gate: Tensor, x: Tensor) -> Tensor:
+    return (gate.unsqueeze(1) if gate.ndim == 2 else gate) * x
 
 
 class Attention(nn.Module):
@@ -261,13 +285,14 @@ class DiTBlock(nn.Module):
         context_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
+        clean: CleanTokens | None = None,
     ) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(self.adaLN_modulation, c, 6, clean)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h, grid, self.attend, attn_mask, rope)
+        x = x + _gated(gate_msa, self.attn(h, grid, self.attend, attn_mask, rope))
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + _gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -280,8 +305,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x: Tensor, c: Tensor, clean: CleanTokens | None = None) -> Tensor:
+        shift, scale = modulations(self.adaLN_modulation, c, 2, clean)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -477,12 +502,18 @@ class DiT(nn.Module):
         force_drop: Tensor | None = None,
         num_images: int = 0,
         pooled: Tensor | None = None,
+        frame_mask: Tensor | None = None,
     ) -> Tensor:
         """(B, C, *spatial) noisy input, (B,) timesteps, (B,) labels -> (B, out_channels, *spatial).
 
         ``num_images``: joint image-video training (Latte): the last ``num_images`` frames
         along the ``time`` axis are independent images; attention over time keeps them
         apart from the clip and from each other.
+
+        ``frame_mask``: (B, T) bool over the input's frames (the ``time`` axis), True where a
+        frame is given clean (image-to-video, extension, interpolation): the tokens of those
+        frames are modulated by the condition at timestep 0, the others by ``t`` (Open-Sora's
+        per-frame timesteps); None: every token at ``t``.
         """
         tokens, grid = self.x_embedder.tokenize(x)  # (B, N, D)
         # one layout for every block: a transposed (B, N, D) view (a conv's output) made
@@ -500,22 +531,29 @@ class DiT(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         c = self.embed_condition(t, y, force_drop, pooled)  # (B, D)
+        clean = None
+        if frame_mask is not None:  # clean frames: the same condition at t = 0
+            c_clean = c + self.t_embedder(torch.zeros_like(t)) - self.t_embedder(t)
+            clean = (c_clean, self._clean_tokens(frame_mask, grid, x.shape[0]))
         if self.context_embedder is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention (context_dim is set): pass context=(B, L, context_dim)")
             context_mask = attendable(context_mask)  # once for every block's cross-attention
             if self.context_pool_embedder is not None:  # the caption's mean token joins the condition too
-                c = c + self.context_pool_embedder(masked_mean(context, context_mask))
+                pool = self.context_pool_embedder(masked_mean(context, context_mask))
+                c = c + pool
+                clean = None if clean is None else (clean[0] + pool, clean[1])
             context = self.context_embedder(context)  # (B, L, D)
         elif context is not None:
             raise ValueError("context tokens given, but this DiT has no cross-attention (context_dim=None)")
         for block in self.blocks:
             mask, rope = masks.get(block.attend), ropes.get(block.attend)
+            args = (tokens, c, grid, context, context_mask, mask, rope, clean)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, grid, context, context_mask, mask, rope, use_reentrant=False)
+                tokens = checkpoint(block, *args, use_reentrant=False)
             else:
-                tokens = block(tokens, c, grid, context, context_mask, mask, rope)  # (B, N, D)
-        tokens = self.final_layer(tokens, c)  # (B, N, patch_numel * out_channels)
+                tokens = block(*args)  # (B, N, D)
+        tokens = self.final_layer(tokens, c, clean)  # (B, N, patch_numel * out_channels)
         return self.x_embedder.untokenize(tokens, grid)  # (B, out_channels, *spatial)
 
     def compile_blocks(self, **kwargs: Any) -> DiT:
@@ -532,12 +570,31 @@ class DiT(nn.Module):
             block.compile(**kwargs)
         return self
 
-    def _image_masks(self, grid: Grid, num_images: int, device) -> dict:
-        """{block.attend: (n, n) bool mask} keeping image frames out of attention over time."""
+    def _time_axis(self, why: str) -> int:
         axes = tuple(self.x_embedder.axes)
         if "time" not in axes:
-            raise ValueError(f"num_images needs a tokenizer with a 'time' axis, got axes {axes}")
-        ti = axes.index("time")
+            raise ValueError(f"{why} needs a tokenizer with a 'time' axis, got axes {axes}")
+        return axes.index("time")
+
+    def _clean_tokens(self, frame_mask: Tensor, grid: Grid, batch: int) -> Tensor:
+        """(B, T) bool over frames -> (B, N) bool over tokens: which tokens hold clean frames."""
+        ti = self._time_axis("frame_mask")
+        p = 1 if self.x_embedder.patch_size is None else self.x_embedder.patch_size[ti]
+        if frame_mask.shape != (batch, grid[ti] * p):
+            raise ValueError(f"frame_mask must be (B, frames) = ({batch}, {grid[ti] * p}) bool, "
+                             f"got {tuple(frame_mask.shape)}")  # fmt: skip
+        per_token = frame_mask.bool().view(batch, grid[ti], p)
+        if (per_token.any(2) != per_token.all(2)).any():
+            raise ValueError(f"frame_mask splits a token: the tokenizer patches {p} frames together, so clean "
+                             f"frames must come in whole groups of {p} (a causal VAE's first latent frame "
+                             f"is one image: patch it alone)")  # fmt: skip
+        stride = math.prod(grid[ti + 1 :])
+        frame_of_token = torch.arange(math.prod(grid), device=frame_mask.device) // stride % grid[ti]
+        return per_token[:, :, 0][:, frame_of_token]  # (B, N)
+
+    def _image_masks(self, grid: Grid, num_images: int, device) -> dict:
+        """{block.attend: (n, n) bool mask} keeping image frames out of attention over time."""
+        ti = self._time_axis("num_images")
         patch = self.x_embedder.patch_size
         if patch is not None and patch[ti] != 1:
             raise ValueError(f"num_images needs one frame per token along time (patch {patch[ti]} there)")

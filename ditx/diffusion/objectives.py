@@ -36,9 +36,28 @@ SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "flow-euler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-def mean_flat(x: Tensor) -> Tensor:
-    """Mean over all non-batch dims: (B, ...) -> (B,)."""
-    return x.flatten(1).mean(dim=1)
+def mean_flat(x: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Mean over all non-batch dims: (B, ...) -> (B,); with ``keep`` (bool, broadcastable to x),
+    over the kept elements only (0 for a row without any)."""
+    if keep is None:
+        return x.flatten(1).mean(dim=1)
+    keep = keep.expand_as(x).flatten(1)
+    return (x.flatten(1) * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def clean_frames(x_t: Tensor, x0: Tensor, model_kwargs: dict[str, Any] | None) -> tuple[Tensor, Tensor | None]:
+    """Frame conditioning in training: ``model_kwargs["frame_mask"]`` (B, T), True where a frame
+    along the data's first spatial axis (time) is given clean. Returns x_t with those frames
+    replaced by x0's, and the mask of the elements the loss covers (the generated frames;
+    None without a frame mask)."""
+    mask = (model_kwargs or {}).get("frame_mask")
+    if mask is None:
+        return x_t, None
+    if x0.ndim < 3 or mask.shape != x0.shape[:1] + x0.shape[2:3]:
+        raise ValueError(f"frame_mask must be (B, frames) = {tuple(x0.shape[:1] + x0.shape[2:3])} for data "
+                         f"(B, C, frames, ...) = {tuple(x0.shape)}, got {tuple(mask.shape)}")  # fmt: skip
+    clean = mask.bool().view(mask.shape[0], 1, mask.shape[1], *[1] * (x0.ndim - 3))  # (B, 1, T, 1, ...)
+    return torch.where(clean, x0, x_t), ~clean
 
 
 def _broadcast(values: Tensor, like: Tensor) -> Tensor:
@@ -311,16 +330,19 @@ class DDPMObjective(_VPObjective):
         """Per-sample ``{"loss", "mse"[, "vb"]}`` (B,); ``t`` are integer steps in [0, T)."""
         noise, t = self._noise_and_t(x0, noise, t, generator)
         x_t, a, b = self._noised(x0, noise, t)
+        x_t, keep = clean_frames(x_t, x0, model_kwargs)
         out = self._predict(model, x_t, t.float(), y, model_kwargs)  # (B, C or 2C, *spatial)
         C = x0.shape[1]
         eps, v = out[:, :C], out[:, C:]
-        mse = mean_flat((noise.float() - eps) ** 2)
+        mse = mean_flat((noise.float() - eps) ** 2, keep)
         if not self.learn_sigma:
             return {"loss": mse, "mse": mse}
-        vb = self._vb(eps.detach(), v, x0.float(), x_t.float(), t, a.float(), b.float())
+        vb = self._vb(eps.detach(), v, x0.float(), x_t.float(), t, a.float(), b.float(), keep)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-    def _vb(self, eps: Tensor, v: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def _vb(
+        self, eps: Tensor, v: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, a: Tensor, b: Tensor, keep: Tensor | None
+    ) -> Tensor:
         """VLB term in bits/dim (B,) for predicted ε (detached by the caller) and interpolation v."""
         coef_x0 = self._at(self.posterior_mean_coef_x0, t, x_t)
         coef_xt = self._at(self.posterior_mean_coef_xt, t, x_t)
@@ -342,7 +364,7 @@ class DDPMObjective(_VPObjective):
             + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
         )
         nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
-        return torch.where(t == 0, mean_flat(nll), mean_flat(kl)) / math.log(2.0)
+        return torch.where(t == 0, mean_flat(nll, keep), mean_flat(kl, keep)) / math.log(2.0)
 
 
 def _discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
@@ -368,8 +390,9 @@ class VPredictionObjective(_VPObjective):
         """Per-sample ``{"loss", "mse"}`` (B,); ``t`` are integer steps in [0, T)."""
         noise, t = self._noise_and_t(x0, noise, t, generator)
         x_t, a, b = self._noised(x0, noise, t)
+        x_t, keep = clean_frames(x_t, x0, model_kwargs)
         target = a * noise - b * x0
-        mse = mean_flat((target.float() - self._predict(model, x_t, t.float(), y, model_kwargs)) ** 2)
+        mse = mean_flat((target.float() - self._predict(model, x_t, t.float(), y, model_kwargs)) ** 2, keep)
         return {"loss": mse, "mse": mse}
 
 
@@ -444,9 +467,9 @@ class RectifiedFlowObjective(Objective):
         """Per-sample ``{"loss", "mse"}`` (B,); ``t`` is σ ∈ [0, 1] (B,)."""
         noise, sigma = self._noise_and_t(x0, noise, t, generator)
         s = _broadcast(sigma, x0)
-        x_t = (1 - s) * x0 + s * noise
+        x_t, keep = clean_frames((1 - s) * x0 + s * noise, x0, model_kwargs)
         out = self._predict(model, x_t, sigma.float() * self.num_train_timesteps, y, model_kwargs)
-        mse = mean_flat(((noise - x0).float() - out) ** 2)
+        mse = mean_flat(((noise - x0).float() - out) ** 2, keep)
         return {"loss": mse, "mse": mse}
 
     def _scheduler(self, name: str, num_steps: int, device, shape=None):

@@ -52,6 +52,7 @@ def sample(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     noise: Tensor | None = None,
+    frames: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Draw samples of ``shape`` = (B, C, *spatial) from ``model`` trained with ``objective``.
 
@@ -69,6 +70,10 @@ def sample(
             value (e.g. the empty or negative caption's context).
         generator: seeds the initial noise and any stochastic scheduler steps.
         noise: (B, C, *spatial) initial noise to start from instead of drawing it.
+        frames: frame conditioning (image-to-video, extension, interpolation): ``(clean, mask)``,
+            data ``clean`` (B, C, T, ...) and a (B, T) bool ``mask`` of the frames given. Those
+            frames of the sample are ``clean``'s at every step and at the end; the model sees
+            the mask (``frame_mask``), so it treats them as clean (as it was trained to).
 
     Returns:
         (B, C, *spatial) samples, in ``dtype`` on ``device``.
@@ -96,6 +101,16 @@ def sample(
         if guide:
             y = torch.cat([y, torch.full_like(y, null_class)])
     model_kwargs = dict(model_kwargs or {})
+    keep = None
+    if frames is not None:
+        clean, frame_mask = frames
+        if tuple(clean.shape) != tuple(shape) or tuple(frame_mask.shape) != (B, shape[2]):
+            raise ValueError(f"frames must be (clean data of shape {tuple(shape)}, a ({B}, {shape[2]}) bool mask), "
+                             f"got {tuple(clean.shape)} and {tuple(frame_mask.shape)}")  # fmt: skip
+        frame_mask = frame_mask.to(device=device, dtype=torch.bool)
+        keep = frame_mask.view(B, 1, shape[2], *[1] * (len(shape) - 3))  # (B, 1, T, 1, ...)
+        clean = clean.to(device=device, dtype=dtype)
+        model_kwargs["frame_mask"] = frame_mask
     unknown = set(uncond_model_kwargs) - set(model_kwargs)
     if unknown:
         raise ValueError(f"uncond_model_kwargs {sorted(unknown)} have no conditional value in model_kwargs")
@@ -122,6 +137,8 @@ def sample(
 
         timesteps = tqdm(timesteps, desc=f"sampling ({scheduler})")
     for t in timesteps:
+        if keep is not None:
+            x = torch.where(keep, clean, x)
         x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         x_in = torch.cat([x_in, x_in]) if guide else x_in  # (2B, C, *spatial): [cond, uncond]
         t_model = objective.model_timestep(t.reshape(1)).to(device).expand(x_in.shape[0])
@@ -131,7 +148,7 @@ def sample(
             out = apply_guidance(cond, uncond, guidance_scale, guided_channels)
         out = objective.model_output_to_scheduler(out, sched).to(dtype)
         x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
-    return x
+    return x if keep is None else torch.where(keep, clean, x)
 
 
 def _accepts(fn, name: str) -> bool:

@@ -1,0 +1,125 @@
+"""Frame conditioning (image-to-video, extension, interpolation): clean frames under a time mask
+in the backbone, the objectives' losses and the sampler."""
+
+import pytest
+import torch
+from test_dit import randomize
+
+from ditx.diffusion.objectives import DDPMObjective, RectifiedFlowObjective, VPredictionObjective
+from ditx.diffusion.sampling import sample
+from ditx.dit import DiT
+from ditx.tokenizer import PatchTokenizer
+
+VIDEO = ("time", "height", "width")
+
+
+def video_dit(patch=(1, 2, 2), **kw):
+    tok = PatchTokenizer(VIDEO, patch, in_channels=3, hidden_size=32)
+    return randomize(DiT(tok, depth=2, num_heads=4, num_classes=3, **kw), seed=3).eval()
+
+
+def test_clean_frames_are_modulated_at_timestep_zero():
+    """No clean frame = no mask; every frame clean = the model at t = 0; a clean first frame
+    changes the output (it reaches every frame through attention over time)."""
+    model = video_dit()
+    x, t, y = torch.randn(2, 3, 4, 8, 8), torch.tensor([500.0, 300.0]), torch.tensor([0, 1])
+    with torch.no_grad():
+        plain = model(x, t, y)
+        torch.testing.assert_close(model(x, t, y, frame_mask=torch.zeros(2, 4, dtype=torch.bool)), plain)
+        torch.testing.assert_close(model(x, t, y, frame_mask=torch.ones(2, 4, dtype=torch.bool)), model(x, t * 0, y))
+        first = torch.tensor([[True, False, False, False]] * 2)
+        assert (model(x, t, y, frame_mask=first) - plain)[:, :, 1:].abs().amax() > 1e-3
+
+
+def test_per_sample_masks_and_the_context_pool_reach_clean_tokens():
+    """Each sample's own mask: sample 0's output does not depend on sample 1's mask."""
+    model = video_dit()
+    x, t, y = torch.randn(2, 3, 4, 8, 8), torch.tensor([500.0, 300.0]), torch.tensor([0, 1])
+    a = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    b = torch.tensor([[True, False, False, False], [True, True, False, True]])
+    with torch.no_grad():
+        out_a, out_b = model(x, t, y, frame_mask=a), model(x, t, y, frame_mask=b)
+    torch.testing.assert_close(out_a[0], out_b[0])
+    assert (out_a[1] - out_b[1]).abs().max() > 1e-3
+
+
+def test_frame_masks_must_fit_the_frames_and_the_temporal_patches():
+    model = video_dit(patch=(2, 2, 2))
+    x, t = torch.randn(1, 3, 4, 8, 8), torch.tensor([10.0])
+    model(x, t, frame_mask=torch.tensor([[True, True, False, False]]))  # whole 2-frame tokens
+    with pytest.raises(ValueError, match=r"frame_mask splits a token: the tokenizer patches 2 frames together"):
+        model(x, t, frame_mask=torch.tensor([[True, False, False, False]]))
+    with pytest.raises(ValueError, match=r"frame_mask must be \(B, frames\) = \(1, 4\) bool, got \(1, 3\)"):
+        model(x, t, frame_mask=torch.ones(1, 3, dtype=torch.bool))
+    images = randomize(DiT(PatchTokenizer(("height", "width"), (2, 2), 3, 32), depth=1, num_heads=4))
+    with pytest.raises(ValueError, match=r"frame_mask needs a tokenizer with a 'time' axis"):
+        images(torch.randn(1, 3, 8, 8), t, frame_mask=torch.ones(1, 8, dtype=torch.bool))
+
+
+class Recorder(torch.nn.Module):
+    """Returns a fixed output and records what it was called with."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.calls = out, []
+
+    def forward(self, x, t, y=None, **kwargs):
+        self.calls.append((x.clone(), t.clone(), kwargs))
+        return self.out.clone()
+
+
+@pytest.mark.parametrize("objective", [RectifiedFlowObjective(), VPredictionObjective(),
+                                       DDPMObjective(learn_sigma=True)], ids=["flow", "v", "ddpm"])  # fmt: skip
+def test_losses_see_clean_frames_and_cover_only_generated_ones(objective):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, 4, generator=g)
+    out = torch.randn(2, objective.out_channels(3), 4, 4, 4, generator=g)
+    mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
+    t = objective.sample_t(2, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x0.shape, generator=g)
+    model = Recorder(out)
+    masked = objective.loss(model, x0, model_kwargs={"frame_mask": mask}, noise=noise, t=t)["loss"]
+    x_seen = model.calls[-1][0]
+    assert torch.equal(x_seen[0, :, [0, 3]], x0[0, :, [0, 3]])  # clean frames enter as they are
+    assert (x_seen[0, :, 1] - x0[0, :, 1]).abs().max() > 1e-2 and torch.equal(model.calls[-1][2]["frame_mask"], mask)
+    # the clean frames' outputs do not count: changing them leaves the loss; changing a generated one moves it
+    changed = out.clone()
+    changed[0, :, [0, 3]] += 5.0
+    assert torch.allclose(objective.loss(Recorder(changed), x0, model_kwargs={"frame_mask": mask}, noise=noise,
+                                         t=t)["loss"], masked)  # fmt: skip
+    changed[0, :, 1] += 5.0
+    assert not torch.allclose(objective.loss(Recorder(changed), x0, model_kwargs={"frame_mask": mask}, noise=noise,
+                                             t=t)["loss"][0], masked[0])  # fmt: skip
+    # sample 1 has no clean frame: its loss is the plain one
+    plain = objective.loss(Recorder(out), x0, noise=noise, t=t)["loss"]
+    torch.testing.assert_close(masked[1], plain[1])
+
+
+def test_flow_loss_over_generated_frames_is_their_mean():
+    """Closed form: the masked loss is the mean squared velocity error over the generated frames only."""
+    objective = RectifiedFlowObjective()
+    g = torch.Generator().manual_seed(2)
+    x0, noise, out = (torch.randn(1, 2, 4, 3, 3, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, False, True, False]])
+    loss = objective.loss(Recorder(out), x0, model_kwargs={"frame_mask": mask}, noise=noise, t=torch.tensor([0.4]))
+    expected = ((noise - x0 - out)[:, :, [1, 3]] ** 2).mean()
+    torch.testing.assert_close(loss["loss"], expected.reshape(1))
+
+
+def test_sampler_keeps_given_frames_clean_and_tells_the_model():
+    objective = RectifiedFlowObjective()
+    g = torch.Generator().manual_seed(4)
+    clean = torch.randn(2, 3, 4, 4, 4, generator=g)
+    mask = torch.tensor([[True, False, False, False], [True, False, False, True]])
+    model = Recorder(torch.randn(4, 3, 4, 4, 4, generator=g))
+    out = sample(model, objective, (2, 3, 4, 4, 4), scheduler="flow-euler", num_steps=5, y=torch.tensor([0, 1]),
+                 null_class=3, guidance_scale=3.0, frames=(clean, mask), generator=g)  # fmt: skip
+    frames_of = lambda v, m: v.transpose(1, 2)[m]  # noqa: E731  (frames picked by a (B, T) mask)
+    assert torch.equal(frames_of(out, mask), frames_of(clean, mask))
+    assert (frames_of(out, ~mask) - frames_of(clean, ~mask)).abs().max() > 1e-2
+    for x, _, kwargs in model.calls:  # every step: clean frames in both halves, the mask doubled for guidance
+        assert torch.equal(kwargs["frame_mask"], torch.cat([mask, mask]))
+        both = torch.cat([mask, mask])
+        assert torch.equal(frames_of(x, both), frames_of(torch.cat([clean, clean]), both))
+    with pytest.raises(ValueError, match=r"frames must be \(clean data of shape \(2, 3, 4, 4, 4\), a \(2, 4\) bool"):
+        sample(model, objective, (2, 3, 4, 4, 4), scheduler="flow-euler", num_steps=2, frames=(clean, mask[:, :3]))
