@@ -107,6 +107,9 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # DataLoader processes; 0 when reading cached latents (already in memory)
     max_bad_samples: int = 10
+    # frame conditioning: {image-to-video: p, extension: p, interpolation: p}, each sample's mask
+    # kind drawn with these probabilities (the rest generate every frame); see ditx/diffusion/frames.py
+    frame_masks: dict[str, float] | None = None
     latent_cache: str | None = None  # folder written by `ditx cache-latents`; used when present
     output_dir: str = "runs"
 

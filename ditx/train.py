@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from ditx.build import build_components
 from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
+from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
 from ditx.recipe import Recipe
 
@@ -249,6 +250,7 @@ class Trainer:
         self.text = self._text_source()
         model = parts.model
         self.pooled_text = model.pooled_embedder is not None
+        self.frame_masks = self._frame_mask_mix(model)
         self.sampling = parts.for_sampling()  # shapes of what the model generates (previews, checkpoints)
         self.objective, self.autoencoder = parts.objective, parts.autoencoder
         self.autoencoder.to(accelerator.device)
@@ -335,6 +337,20 @@ class Trainer:
         self.drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.class_dropout_prob
         # drawn after the others, so recipes without text keep their random streams
         self.caption_drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.caption_dropout_prob
+        if self.frame_masks:  # and the frame masks after those (image-to-video, extension, interpolation)
+            frames, patch = self.frame_masks
+            self.frame_mask_all = draw_frame_masks(cfg.frame_masks, cfg.batch_size, frames, patch, g)
+
+    def _frame_mask_mix(self, model) -> tuple[int, int] | None:
+        """(latent frames, frames per token) when the recipe trains with frame masks, else None."""
+        mix = check_frame_mask_mix(self.cfg.frame_masks)
+        if not any(mix.values()):
+            return None
+        axes = tuple(model.x_embedder.axes)
+        if "time" not in axes:
+            raise ValueError(f"train.frame_masks needs a tokenizer with a 'time' axis (video), got axes {axes}")
+        patch = model.x_embedder.patch_size
+        return self.parts.latent_shape[1], 1 if patch is None else patch[axes.index("time")]
 
     def _loss(self, batch: dict[str, Any], n: int) -> Tensor:
         """The mean diffusion loss of this process's ``n`` items (a zero with gradients when none is readable)."""
@@ -354,6 +370,8 @@ class Trainer:
         if self.text is not None:  # captions dropped to the empty one (classifier-free guidance)
             captions = ["" if drop else c for c, drop in zip(batch["caption"], self.caption_drop_all[sl].tolist())]
             kwargs.update(self.text.encode(captions).to(device).model_kwargs(pooled=self.pooled_text))
+        if self.frame_masks:  # given frames enter clean, the loss covers the others
+            kwargs["frame_mask"] = self.frame_mask_all[sl].to(device)
         if "num_images" in batch:  # joint image-video training (Latte)
             kwargs["num_images"] = int(batch["num_images"][0])
         terms = self.objective.loss(model, z, y=y, model_kwargs=kwargs, noise=self.noise_all[sl].to(device),

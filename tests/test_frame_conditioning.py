@@ -123,3 +123,79 @@ def test_sampler_keeps_given_frames_clean_and_tells_the_model():
         assert torch.equal(frames_of(x, both), frames_of(torch.cat([clean, clean]), both))
     with pytest.raises(ValueError, match=r"frames must be \(clean data of shape \(2, 3, 4, 4, 4\), a \(2, 4\) bool"):
         sample(model, objective, (2, 3, 4, 4, 4), scheduler="flow-euler", num_steps=2, frames=(clean, mask[:, :3]))
+
+
+# --- masks a recipe mixes in training ---------------------------------------------------
+
+
+def test_mask_kinds():
+    from ditx.diffusion.frames import frame_mask
+
+    assert frame_mask("image-to-video", 6).tolist() == [1, 0, 0, 0, 0, 0]
+    assert frame_mask("extension", 6, given=3).tolist() == [1, 1, 1, 0, 0, 0]
+    assert frame_mask("interpolation", 6).tolist() == [1, 0, 0, 0, 0, 1]
+    assert frame_mask("interpolation", 8, patch=2).tolist() == [1, 1, 0, 0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"extension keeps 1 .. 4 frames in whole patches of 2, got 3"):
+        frame_mask("extension", 6, given=3, patch=2)
+    with pytest.raises(ValueError, match=r"unknown frame mask kind 'outpainting'; allowed: image-to-video, extension"):
+        frame_mask("outpainting", 6)
+
+
+def test_drawn_masks_follow_the_mix_in_whole_patches():
+    from ditx.diffusion.frames import draw_frame_masks
+
+    mix = {"image-to-video": 0.3, "extension": 0.2, "interpolation": 0.1}
+    masks = draw_frame_masks(mix, 6000, 8, patch=2, generator=torch.Generator().manual_seed(0))
+    first, last, count = masks[:, 0], masks[:, -1], masks.sum(1)
+    i2v = first & ~last & (count == 2)
+    interp = first & last & (count == 4)
+    extension = first & ~last & (count > 2)
+    assert abs(i2v.float().mean() - (0.3 + 0.2 / 2)) < 0.03  # extension keeps 1 patch half of the time (T/2 = 2)
+    assert abs(extension.float().mean() - 0.2 / 2) < 0.02
+    assert abs(interp.float().mean() - 0.1) < 0.02
+    assert abs((count == 0).float().mean() - 0.4) < 0.03
+    assert torch.equal(masks.view(6000, 4, 2).any(2), masks.view(6000, 4, 2).all(2))  # whole patches
+    again = draw_frame_masks(mix, 6000, 8, patch=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+
+
+def test_bad_mixes_are_named():
+    from ditx.diffusion.frames import check_frame_mask_mix
+
+    with pytest.raises(ValueError, match=r"frame_masks: unknown mask kind\(s\) \['i2v'\]; allowed: image-to"):
+        check_frame_mask_mix({"i2v": 0.5})
+    with pytest.raises(ValueError, match=r"probabilities must be in \[0, 1\] and sum to at most 1"):
+        check_frame_mask_mix({"image-to-video": 0.7, "interpolation": 0.5})
+
+
+def test_training_passes_each_samples_mask_to_the_loss(tmp_path, monkeypatch):
+    """A tiny video recipe with train.frame_masks: every micro-batch's loss gets (B, T) masks of
+    the recipe's kinds (here image-to-video only: the first frame), and training runs end to end."""
+    from test_modality_jobs import tiny
+
+    from ditx.diffusion.objectives import RectifiedFlowObjective
+    from ditx.pipeline import train_recipe
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    seen = []
+    original = RectifiedFlowObjective.loss
+
+    def spy(self, model, x0, **kwargs):
+        seen.append(kwargs["model_kwargs"].get("frame_mask"))
+        return original(self, model, x0, **kwargs)
+
+    monkeypatch.setattr(RectifiedFlowObjective, "loss", spy)
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 24,
+            "num_clips_train": 10, "num_clips_test": 10}  # fmt: skip
+    recipe = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 4, 4]},
+                  train={"steps": 2, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
+                         "mixed_precision": "no", "output_dir": str(tmp_path / "runs"), "seed": 1,
+                         "frame_masks": {"image-to-video": 1.0}})  # fmt: skip
+    train_recipe(recipe, run_dir=tmp_path / "run")
+    assert len(seen) == 2
+    for mask in seen:
+        assert mask.shape == (4, 4) and mask.tolist() == [[True, False, False, False]] * 4
+    with pytest.raises(ValueError, match=r"train.frame_masks: unknown mask kind"):
+        bad = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 4, 4]},
+                   train={"steps": 1, "output_dir": str(tmp_path / "runs2"), "frame_masks": {"first": 1.0}})
+        train_recipe(bad, run_dir=tmp_path / "run2")

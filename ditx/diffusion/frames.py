@@ -1,0 +1,77 @@
+"""Masks of clean conditioning frames: which frames of a clip are given and which are generated.
+
+A mask is (B, T) bool over the data's frames (latent frames in latent space), True where a frame
+is given clean. The kinds a recipe mixes in training (``train.frame_masks``) and samples with:
+
+- ``image-to-video``: the first frame (a causal 3D VAE's first latent frame is that image alone);
+- ``extension``: the first k frames, k drawn uniformly from 1 .. T/2 in training (given the
+  start of a clip, continue it);
+- ``interpolation``: the first and the last frame (Wan's first-last-frame).
+
+Masks are drawn in whole temporal patches (``patch`` frames per token), since a token is either
+clean or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+FRAME_MASK_KINDS = ("image-to-video", "extension", "interpolation")
+
+
+def check_frame_mask_mix(mix: Mapping[str, float] | None, where: str = "train.frame_masks") -> dict[str, float]:
+    """The recipe's {kind: probability}, checked: known kinds, probabilities in [0, 1] summing to <= 1
+    (the rest of the samples train unconditioned on frames)."""
+    mix = dict(mix or {})
+    unknown = sorted(set(mix) - set(FRAME_MASK_KINDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown mask kind(s) {unknown}; allowed: {', '.join(FRAME_MASK_KINDS)}")
+    if any(not 0 <= float(p) <= 1 for p in mix.values()) or sum(float(p) for p in mix.values()) > 1 + 1e-9:
+        raise ValueError(f"{where}: probabilities must be in [0, 1] and sum to at most 1, got {mix}")
+    return {k: float(p) for k, p in mix.items()}
+
+
+def frame_mask(kind: str, frames: int, given: int = 1, patch: int = 1) -> Tensor:
+    """(frames,) bool mask of one kind; ``given``: the frames kept by ``extension`` (in frames, a
+    multiple of ``patch``)."""
+    if kind not in FRAME_MASK_KINDS:
+        raise ValueError(f"unknown frame mask kind {kind!r}; allowed: {', '.join(FRAME_MASK_KINDS)}")
+    if frames % patch:
+        raise ValueError(f"{frames} frames do not split into temporal patches of {patch}")
+    mask = torch.zeros(frames, dtype=torch.bool)
+    if kind == "image-to-video":
+        mask[:patch] = True
+    elif kind == "extension":
+        if given % patch or not 0 < given < frames:
+            raise ValueError(f"extension keeps 1 .. {frames - patch} frames in whole patches of {patch}, got {given}")
+        mask[:given] = True
+    else:
+        if frames < 2 * patch + patch:
+            raise ValueError(f"interpolation needs at least one frame between the first and the last, got {frames}")
+        mask[:patch] = mask[-patch:] = True
+    return mask
+
+
+def draw_frame_masks(
+    mix: Mapping[str, float], batch: int, frames: int, patch: int = 1, generator: torch.Generator | None = None
+) -> Tensor:
+    """(batch, frames) masks, each row's kind drawn with the mix's probabilities (none: all False).
+
+    Draws two numbers per row from ``generator`` (the kind, extension's length), whatever the
+    kinds, so a batch's masks do not depend on how it is split over processes.
+    """
+    tokens = frames // patch
+    u = torch.rand(batch, generator=generator)
+    lengths = torch.randint(1, max(2, tokens // 2 + 1), (batch,), generator=generator)  # extension: 1 .. T/2
+    masks = torch.zeros(batch, frames, dtype=torch.bool)
+    edge = 0.0
+    for kind in FRAME_MASK_KINDS:
+        p = mix.get(kind, 0.0)
+        rows = ((u >= edge) & (u < edge + p)).nonzero().flatten().tolist()
+        edge += p
+        for i in rows:
+            masks[i] = frame_mask(kind, frames, int(lengths[i]) * patch, patch)
+    return masks
