@@ -318,6 +318,8 @@ def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:
     """
     size = parts.recipe.sample.data_size
     if not size:
+        if trained_data_shape and parts.data_shape is None:  # what the model generates, for given frames
+            parts.data_shape = tuple(trained_data_shape)
         return
     channels = trained_data_shape[0] if trained_data_shape else parts.latent_shape[0]
     trained = trained_data_shape[1:] if trained_data_shape else parts.latent_shape[1:]

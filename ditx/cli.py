@@ -264,7 +264,10 @@ def add_sample_parser(subparsers) -> None:
         "  ditx sample runs/image-digits-20250101-120000 --num 40 sample.guidance_scale=4.0\n"
         "  ditx sample out/dit-xl-2-256 --recipe my-imagenet-256.yaml --out samples/xl\n"
         '  ditx sample runs/video-moving-digits-text-20250101-120000 --prompt "a 7 moving left and right" --num 4\n'
-        "  ditx sample RUN --prompts prompts.txt --negative-prompt \"blurry\" sample.guidance_scale=6",
+        "  ditx sample RUN --prompts prompts.txt --negative-prompt \"blurry\" sample.guidance_scale=6\n"
+        "  ditx sample RUN --first-frame digit.png --num 4          # image-to-video (train.frame_masks)\n"
+        "  ditx sample RUN --first-frame a.png --last-frame b.png   # interpolation\n"
+        "  ditx sample RUN --extend clip.mp4 --frames 4             # keep 4 frames, generate the rest",
     )
     sample.add_argument("path", type=Path, metavar="CHECKPOINT_OR_RUN", help="run, checkpoint or model directory")
     _add_overrides(sample)
@@ -299,6 +302,19 @@ def add_sample_parser(subparsers) -> None:
         "--negative-prompt", default=None, metavar="TEXT",
         help="text recipes: guide away from this caption instead of the empty one (sample.negative_prompt)",
     )  # fmt: skip
+    sample.add_argument(
+        "--first-frame", type=Path, default=None, metavar="IMAGE",
+        help="video models trained with train.frame_masks: generate clips that start from this image",
+    )  # fmt: skip
+    sample.add_argument(
+        "--last-frame", type=Path, default=None, metavar="IMAGE",
+        help="...that end on this image (with --first-frame: interpolation between the two)",
+    )  # fmt: skip
+    sample.add_argument(
+        "--extend", type=Path, default=None, metavar="CLIP",
+        help="...that continue this clip: its first --frames N frames are kept, the rest generated",
+    )  # fmt: skip
+    sample.add_argument("--frames", type=int, default=None, metavar="N", help="with --extend: frames of CLIP kept")
     sample.set_defaults(func=run_sample)
 
 
@@ -312,6 +328,7 @@ def run_sample(args: argparse.Namespace) -> int:
     out = sample_from(
         args.path, num=args.num, out=args.out, recipe=args.recipe, overrides=overrides, fmt=args.format,
         overwrite=args.overwrite, prompts=prompts or None, negative_prompt=args.negative_prompt,
+        first_frame=args.first_frame, last_frame=args.last_frame, extend=args.extend, extend_frames=args.frames,
     )
     print(out)
     return 0

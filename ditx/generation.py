@@ -43,6 +43,7 @@ def generate(
     config: SampleConfig | None = None,
     progress: bool = False,
     captions: list[str] | None = None,
+    frames: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``num`` samples in data space (decoded) and the labels they were generated for.
 
@@ -51,6 +52,10 @@ def generate(
     only when given (else a model with classes gets its null class). Batches of
     ``config.batch_size``; the initial noise of the whole set comes from one generator
     seeded with ``config.seed``, so results do not depend on the batch size.
+
+    ``frames``: frame conditioning for every sample, ``(clip, mask)``: a data-space clip
+    (C, T, H, W) and a (T,) bool mask of its given frames (``ditx.diffusion.frames.given_frames``);
+    the clip is encoded once and its given latent frames stay clean while the rest is generated.
     """
     config = config or parts.recipe.sample
     device = torch.device(device)
@@ -70,6 +75,7 @@ def generate(
         labels = class_labels(num, parts.num_classes)
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(num, *parts.latent_shape, generator=gen)
+    given = None if frames is None else _encode_given_frames(parts, frames, device)
     out = []
     batches = range(0, num, config.batch_size)
     if progress:
@@ -93,11 +99,28 @@ def generate(
                 guided_channels=config.guided_channels, device=device,
                 noise=noise[start:stop].to(device),
                 generator=torch.Generator(device).manual_seed(config.seed + 1 + start),
+                frames=None if given is None else tuple(v.expand(stop - start, *v.shape[1:]) for v in given),
             )  # fmt: skip
             x = parts.autoencoder.decode(z.float())
         out.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(out), labels
+
+
+def _encode_given_frames(parts: Any, frames: tuple[Tensor, Tensor], device) -> tuple[Tensor, Tensor]:
+    """(data clip (C, T, H, W), (T,) mask) -> (latents (1, C', T', h, w), (1, T') latent mask)."""
+    from ditx.diffusion.frames import latent_frame_mask
+
+    clip, mask = frames
+    if parts.data_shape is not None and tuple(clip.shape) != tuple(parts.data_shape):
+        raise ValueError(f"the given frames make a clip of {tuple(clip.shape)}, the model generates "
+                         f"{tuple(parts.data_shape)} (C, frames, H, W)")  # fmt: skip
+    with torch.no_grad():
+        z = parts.autoencoder.encode(clip[None].to(device)).float()  # (1, C', T', h, w)
+    if tuple(z.shape[1:]) != tuple(parts.latent_shape):
+        raise ValueError(f"the given frames encode to {tuple(z.shape[1:])}, the model's latents are "
+                         f"{tuple(parts.latent_shape)}")  # fmt: skip
+    return z, latent_frame_mask(mask, z.shape[2])[None].to(device)
 
 
 def write_previews(

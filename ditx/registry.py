@@ -306,6 +306,9 @@ objectives = Registry("objective", builtins=("ditx.diffusion.objectives",))
 text_encoders = Registry("text_encoder", builtins=("ditx.text",))
 # modality name -> a ditx.writers.Writer: function(samples, out_dir, labels=None) -> written paths
 writers = Registry("writer")
+# modality name -> function(path, num_frames, size) -> (C, num_frames, size, size) in [-1, 1]: the frames
+# a user gives to condition on (an image: one frame; a clip: its first num_frames), read and resized
+readers = Registry("reader")
 
 REGISTRIES: dict[str, Registry] = {
     "tokenizers": tokenizers,
@@ -315,4 +318,5 @@ REGISTRIES: dict[str, Registry] = {
     "objectives": objectives,
     "text_encoders": text_encoders,
     "writers": writers,
+    "readers": readers,
 }

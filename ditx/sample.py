@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ditx.build import load_for_sampling
 from ditx.generation import cycle_prompts, generate, write_samples
@@ -30,6 +31,10 @@ def sample_from(
     overwrite: bool = False,
     prompts: list[str] | None = None,
     negative_prompt: str | None = None,
+    first_frame: str | Path | None = None,
+    last_frame: str | Path | None = None,
+    extend: str | Path | None = None,
+    extend_frames: int | None = None,
 ) -> Path:
     """``ditx sample``: write ``num`` samples into ``out``; returns ``out``.
 
@@ -46,6 +51,13 @@ def sample_from(
     In Python, e.g.::
 
         sample_from("runs/video-moving-digits-text-<time>", prompts=["a 7 moving left and right"], num=4)
+
+    Video models trained with ``train.frame_masks`` also generate from given frames:
+    ``first_frame`` (an image: image-to-video), ``last_frame`` (with a first frame:
+    interpolation), or the first ``extend_frames`` frames of the clip ``extend`` (extension);
+    each is resized and centre-cropped to the model's frame size::
+
+        sample_from("runs/video-moving-digits-<time>", first_frame="digit.png", num=4)
     """
     from ditx.files import claim_output_folder
 
@@ -71,9 +83,37 @@ def sample_from(
     num = num or r.sample.num_samples
     out = Path(out) if out else Path(path) / "samples" / f"sample_{r.sample.scheduler}_{r.sample.num_steps}"
     claim_output_folder(out, overwrite=overwrite, what="samples", instead="pass --out DIR for another folder")
-    samples, labels = generate(parts, model, num, device, progress=True, captions=captions)
+    frames = _given_frames(r, parts, first_frame, last_frame, extend, extend_frames)
+    samples, labels = generate(parts, model, num, device, progress=True, captions=captions, frames=frames)
     write_samples(r, samples, out, labels, captions)
     if extra is not None:
         extra(samples, out, labels)
     logger.info("wrote %d samples to %s", num, out)
     return out
+
+
+def _given_frames(recipe, parts, first_frame, last_frame, extend, extend_frames) -> tuple[Tensor, Tensor] | None:
+    """(clip, mask) of the frames a user gives (``ditx.diffusion.frames.given_frames``), read by the
+    modality's reader at the model's frame size; None when none are given."""
+    from ditx.diffusion.frames import given_frames
+    from ditx.registry import readers
+
+    if first_frame is None and last_frame is None and extend is None:
+        if extend_frames is not None:
+            raise ValueError("--frames N goes with --extend CLIP (the first N frames of CLIP are kept)")
+        return None
+    if (extend is None) != (extend_frames is None):
+        raise ValueError("extension needs both --extend CLIP and --frames N (the first N frames of CLIP are kept)")
+    shape = parts.data_shape
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"given frames need a video model (C, frames, H, W); this one generates {shape}")
+    if shape[2] != shape[3]:
+        raise ValueError(f"given frames are centre-cropped to square frames; this model generates "
+                         f"{shape[2]}x{shape[3]}")  # fmt: skip
+    if recipe.modality not in readers:
+        raise ValueError(f"modality {recipe.modality!r} has no frame reader; readers: {', '.join(readers.names())}")
+    read = readers.get(recipe.modality)
+    first = None if first_frame is None else read(first_frame, 1, shape[2])
+    last = None if last_frame is None else read(last_frame, 1, shape[2])
+    start = None if extend is None else read(extend, extend_frames, shape[2])
+    return given_frames(shape[1], first=first, last=last, start=start)

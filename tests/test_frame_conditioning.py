@@ -168,7 +168,7 @@ def test_bad_mixes_are_named():
         check_frame_mask_mix({"image-to-video": 0.7, "interpolation": 0.5})
 
 
-def test_training_passes_each_samples_mask_to_the_loss(tmp_path, monkeypatch):
+def test_training_passes_each_samples_mask_to_the_loss(tmp_path, monkeypatch, capsys):
     """A tiny video recipe with train.frame_masks: every micro-batch's loss gets (B, T) masks of
     the recipe's kinds (here image-to-video only: the first frame), and training runs end to end."""
     from test_modality_jobs import tiny
@@ -191,11 +191,63 @@ def test_training_passes_each_samples_mask_to_the_loss(tmp_path, monkeypatch):
                   train={"steps": 2, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
                          "mixed_precision": "no", "output_dir": str(tmp_path / "runs"), "seed": 1,
                          "frame_masks": {"image-to-video": 1.0}})  # fmt: skip
-    train_recipe(recipe, run_dir=tmp_path / "run")
+    run = train_recipe(recipe, run_dir=tmp_path / "run")
     assert len(seen) == 2
     for mask in seen:
         assert mask.shape == (4, 4) and mask.tolist() == [[True, False, False, False]] * 4
+    check_sampling_from_given_frames(run, tmp_path, capsys)
     with pytest.raises(ValueError, match=r"train.frame_masks: unknown mask kind"):
         bad = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 4, 4]},
                    train={"steps": 1, "output_dir": str(tmp_path / "runs2"), "frame_masks": {"first": 1.0}})
         train_recipe(bad, run_dir=tmp_path / "run2")
+
+
+def check_sampling_from_given_frames(run, tmp_path, capsys):
+    """From the run above (pixel space): an image as first frame, first + last, a clip's start; the
+    given frames come out as given (resized and cropped like training clips), through the CLI too."""
+    import decord
+    import numpy as np
+    from ditx.modalities.video.clips import read_frames, resize_center_crop
+    from ditx.modalities.video.io import read_given_frames, write_video
+    from PIL import Image
+
+    from ditx.build import load_for_sampling
+    from ditx.cli import main
+    from ditx.diffusion.frames import given_frames
+    from ditx.generation import generate
+
+    rng = np.random.default_rng(0)
+    first_png, last_png = tmp_path / "first.png", tmp_path / "last.png"
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(first_png)  # not square: cropped
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(last_png)
+    clip = tmp_path / "clip.mp4"
+    write_video(rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8), clip)
+
+    first = read_given_frames(first_png, 1, 24)
+    expected = resize_center_crop(np.asarray(Image.open(first_png).convert("RGB"))[None], 24)
+    assert first.shape == (3, 1, 24, 24) and torch.equal(first, expected)
+    start = read_given_frames(clip, 2, 24)
+    torch.testing.assert_close(start, resize_center_crop(read_frames(str(clip), [0, 1]), 24))
+
+    recipe, parts, model = load_for_sampling(run)
+    assert parts.data_shape == (3, 4, 24, 24)
+    last = read_given_frames(last_png, 1, 24)
+    for given, mask in (given_frames(4, first=first), given_frames(4, first=first, last=last),
+                        given_frames(4, start=start)):  # fmt: skip
+        samples, _ = generate(parts, model, 2, frames=(given, mask))
+        assert torch.allclose(samples[:, :, mask], given[None, :, mask].expand(2, -1, -1, -1, -1), atol=1e-6)
+        assert (samples[:, :, ~mask].abs() > 0).any()
+
+    out = tmp_path / "i2v"
+    assert main(["sample", str(run), "--first-frame", str(first_png), "--last-frame", str(last_png), "--num", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert len(decord.VideoReader(str(out / "sample_00000_class0.mp4"))) == 4
+    capsys.readouterr()
+    assert main(["sample", str(run), "--extend", str(clip), "--out", str(tmp_path / "x")]) == 2
+    assert "extension needs both --extend CLIP and --frames N" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"clip.mp4 has 6 frames, fewer than the 8 to keep"):
+        read_given_frames(clip, 8, 24)
+    assert main(["sample", str(run), "--extend", str(clip), "--frames", "4", "--out", str(tmp_path / "y")]) == 2
+    assert "4 given frames leave none of the 4 to generate" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"first.png is an image: it gives 1 frame, 2 were asked for"):
+        read_given_frames(first_png, 2, 24)

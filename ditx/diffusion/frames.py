@@ -75,3 +75,47 @@ def draw_frame_masks(
         for i in rows:
             masks[i] = frame_mask(kind, frames, int(lengths[i]) * patch, patch)
     return masks
+
+
+def latent_frame_mask(mask: Tensor, latent_frames: int) -> Tensor:
+    """A (..., T) mask over data frames -> (..., latent_frames) over latent frames.
+
+    A framewise autoencoder keeps the frames; a causal 3D VAE with temporal factor r makes
+    ``1 + (T - 1) / r`` latent frames, the first one the first frame alone and each other one r
+    frames: a latent frame is given when all its frames are.
+    """
+    frames = mask.shape[-1]
+    if latent_frames == frames:
+        return mask.bool()
+    if latent_frames < 2 or (frames - 1) % (latent_frames - 1):
+        raise ValueError(f"cannot map {frames} frames onto {latent_frames} latent frames: neither framewise nor "
+                         f"a causal VAE (1 + (T - 1) / r latent frames)")  # fmt: skip
+    r = (frames - 1) // (latent_frames - 1)
+    rest = mask[..., 1:].bool().unflatten(-1, (latent_frames - 1, r)).all(-1)
+    return torch.cat([mask[..., :1].bool(), rest], dim=-1)
+
+
+def given_frames(
+    frames: int, first: Tensor | None = None, last: Tensor | None = None, start: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The clip of given frames (C, T, H, W) (zeros where not given) and its (T,) mask, from a first
+    frame, a last frame (each (C, 1, H, W)) and/or the start of a clip (C, k, H, W) (extension)."""
+    parts = [p for p in (first, last, start) if p is not None]
+    if not parts:
+        raise ValueError("give a first frame, a last frame or the start of a clip to condition on")
+    if first is not None and start is not None:
+        raise ValueError("give either a first frame or the start of a clip (extension), not both")
+    c, _, h, w = parts[0].shape
+    clip, mask = torch.zeros(c, frames, h, w), torch.zeros(frames, dtype=torch.bool)
+    for given, at in ((first, 0), (start, 0), (last, frames - 1)):
+        if given is None:
+            continue
+        if given.shape[0] != c or given.shape[2:] != (h, w):
+            raise ValueError(f"given frames differ in size: {tuple(given.shape)} vs {tuple(parts[0].shape)}")
+        k = given.shape[1]
+        if k >= frames or (at and mask[at]):
+            raise ValueError(f"{k} given frames leave none of the {frames} to generate")
+        clip[:, at : at + k], mask[at : at + k] = given, True
+    if mask.all():
+        raise ValueError(f"the given frames cover all {frames} frames: nothing to generate")
+    return clip, mask

@@ -20,6 +20,7 @@ video.register(registry.datasets, "video-folder", "ditx.modalities.video.data:Vi
 video.register(registry.datasets, "moving-digits", "ditx.modalities.video.moving_digits:MovingDigitsDataset")
 video.register(registry.datasets, "moving-digits-text", "ditx.modalities.video.moving_digits:MovingDigitsTextDataset")
 video.register(registry.writers, "video", "ditx.modalities.video.io:write_video_samples")
+video.register(registry.readers, "video", "ditx.modalities.video.io:read_given_frames")
 video.register(registry.metrics, "fvd", "ditx.modalities.video.metrics:FVDMetric")
 video.register(registry.metrics, "frame-fid", "ditx.modalities.video.metrics:FrameFIDMetric")
 video.register(registry.metrics, "moving-digits", "ditx.modalities.video.moving_digits_metric:MovingDigitsMetric")

@@ -1,4 +1,5 @@
-"""Writing video samples: an MP4 (H.264) and a looping GIF per sample and for a grid of all of them."""
+"""Writing video samples: an MP4 (H.264) and a looping GIF per sample and for a grid of all of them;
+reading the frames a user gives to condition on (an image or the start of a clip)."""
 
 from __future__ import annotations
 
@@ -178,3 +179,36 @@ def write_video_samples(
             written.append(write_video(clip, out / f"{name}.mp4", fps))
             written.append(write_video(_upscale(clip, _auto_upscale(clip, upscale)), out / f"{name}.gif", fps))
     return written
+
+
+# --------------------------------------------------------------------------------------
+# Given frames (image-to-video, extension, interpolation)
+# --------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+def read_given_frames(path: str | Path, num_frames: int, size: int) -> Tensor:
+    """(3, num_frames, size, size) in [-1, 1]: an image (one frame) or a clip's first ``num_frames``
+    frames (decord), short side resized to ``size`` and centre-cropped, as training clips are."""
+    from ditx.modalities.video.clips import probe_video, read_frames, resize_center_crop
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"given frames: {str(path)!r} is not a file (an image or a video)")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"the number of given frames must be a positive integer, got {num_frames!r}")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if num_frames != 1:
+            raise ValueError(f"{path} is an image: it gives 1 frame, {num_frames} were asked for")
+        try:
+            with Image.open(path) as image:
+                frames = np.asarray(image.convert("RGB"))[None]  # (1, H, W, 3)
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+    else:
+        length = probe_video(str(path))["frames"]
+        if length < num_frames:
+            raise ValueError(f"{path} has {length} frames, fewer than the {num_frames} to keep")
+        frames = read_frames(str(path), list(range(num_frames)))
+    return resize_center_crop(frames, size)
