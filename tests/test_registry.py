@@ -37,7 +37,8 @@ def test_taken_name_raises_unless_replacing():
 
 def test_every_kind_has_a_registry_and_builtins_are_found():
     assert set(registry.REGISTRIES) == {"tokenizers", "autoencoders", "datasets", "metrics", "objectives", "writers",
-                                        "text_encoders"}  # fmt: skip
+                                        "text_encoders", "readers"}  # fmt: skip
+    assert "video" in registry.readers.names()  # given frames for image-to-video, from the video plugin
     assert "patch2d" in tokenizers.names()  # from ditx.modalities.image, found as a plugin
     assert "identity" in registry.autoencoders.names()  # core built-in
     assert "hf-text" in registry.text_encoders.names()  # core built-in, imported on first lookup
