@@ -302,18 +302,12 @@ def add_sample_parser(subparsers) -> None:
         "--negative-prompt", default=None, metavar="TEXT",
         help="text recipes: guide away from this caption instead of the empty one (sample.negative_prompt)",
     )  # fmt: skip
-    sample.add_argument(
-        "--first-frame", type=Path, default=None, metavar="IMAGE",
-        help="video models trained with train.frame_masks: generate clips that start from this image",
-    )  # fmt: skip
-    sample.add_argument(
-        "--last-frame", type=Path, default=None, metavar="IMAGE",
-        help="...that end on this image (with --first-frame: interpolation between the two)",
-    )  # fmt: skip
-    sample.add_argument(
-        "--extend", type=Path, default=None, metavar="CLIP",
-        help="...that continue this clip: its first --frames N frames are kept, the rest generated",
-    )  # fmt: skip
+    for flag, metavar, text in (  # given frames (video models trained with train.frame_masks)
+        ("--first-frame", "IMAGE", "video models trained with train.frame_masks: clips that start from this image"),
+        ("--last-frame", "IMAGE", "...that end on this image (with --first-frame: interpolation between the two)"),
+        ("--extend", "CLIP", "...that continue this clip: its first --frames N frames are kept, the rest generated"),
+    ):
+        sample.add_argument(flag, type=Path, default=None, metavar=metavar, help=text)
     sample.add_argument("--frames", type=int, default=None, metavar="N", help="with --extend: frames of CLIP kept")
     sample.set_defaults(func=run_sample)
 
