@@ -251,3 +251,19 @@ def check_sampling_from_given_frames(run, tmp_path, capsys):
     assert "4 given frames leave none of the 4 to generate" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"first.png is an image: it gives 1 frame, 2 were asked for"):
         read_given_frames(first_png, 2, 24)
+
+
+def test_frame_masks_map_onto_latent_frames():
+    """Framewise VAEs keep frames; a causal VAE (9 frames -> 3 latent frames, r = 4) encodes the
+    first frame alone, so image-to-video is its first latent frame, and a later latent frame is
+    given only when all four of its frames are."""
+    from ditx.diffusion.frames import frame_mask, latent_frame_mask
+
+    assert torch.equal(latent_frame_mask(frame_mask("interpolation", 8), 8), frame_mask("interpolation", 8))
+    assert latent_frame_mask(frame_mask("image-to-video", 9), 3).tolist() == [True, False, False]
+    assert latent_frame_mask(frame_mask("extension", 9, given=5), 3).tolist() == [True, True, False]
+    assert latent_frame_mask(frame_mask("extension", 9, given=4), 3).tolist() == [True, False, False]
+    batch = torch.stack([frame_mask("image-to-video", 9), frame_mask("extension", 9, given=5)])
+    assert latent_frame_mask(batch, 3).tolist() == [[True, False, False], [True, True, False]]
+    with pytest.raises(ValueError, match=r"cannot map 10 frames onto 3 latent frames"):
+        latent_frame_mask(torch.zeros(10, dtype=torch.bool), 3)
