@@ -222,6 +222,10 @@ def test_sample_passes_path_num_out_recipe_and_overrides(tmp_path, job, capsys):
                 "overwrite": False,
                 "prompts": None,
                 "negative_prompt": None,
+                "first_frame": None,
+                "last_frame": None,
+                "extend": None,
+                "extend_frames": None,
             },
         )
     ]
@@ -253,7 +257,8 @@ def test_sample_defaults(tmp_path, job):
     assert main(["sample", str(tmp_path)]) == 0
     assert calls == [
         ((tmp_path,), {"num": None, "out": None, "recipe": None, "overrides": [], "fmt": None, "overwrite": False,
-                       "prompts": None, "negative_prompt": None})  # fmt: skip
+                       "prompts": None, "negative_prompt": None, "first_frame": None, "last_frame": None,
+                       "extend": None, "extend_frames": None})  # fmt: skip
     ]
     assert main(["sample", str(tmp_path), "--overwrite"]) == 0
     assert calls[-1][1]["overwrite"] is True
