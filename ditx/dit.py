@@ -526,26 +526,24 @@ class DiT(nn.Module):
                 tokens = tokens + codes.to(tokens.dtype)
         # rotary: one (cos, sin) pair of (n, head_dim/2) tables per distinct block layout
         ropes = {} if self.rope is None else {
-            block.attend: self.rope.tables(grid, block.attend, tokens.device) for block in self.blocks
+            attend: self.rope.tables(grid, attend, tokens.device) for attend in {b.attend for b in self.blocks}
         }  # fmt: skip
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         c = self.embed_condition(t, y, force_drop, pooled)  # (B, D)
-        clean = None
-        if frame_mask is not None:  # clean frames: the same condition at t = 0
-            c_clean = c + self.t_embedder(torch.zeros_like(t)) - self.t_embedder(t)
-            clean = (c_clean, self._clean_tokens(frame_mask, grid, x.shape[0]))
         if self.context_embedder is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention (context_dim is set): pass context=(B, L, context_dim)")
             context_mask = attendable(context_mask)  # once for every block's cross-attention
             if self.context_pool_embedder is not None:  # the caption's mean token joins the condition too
-                pool = self.context_pool_embedder(masked_mean(context, context_mask))
-                c = c + pool
-                clean = None if clean is None else (clean[0] + pool, clean[1])
+                c = c + self.context_pool_embedder(masked_mean(context, context_mask))
             context = self.context_embedder(context)  # (B, L, D)
         elif context is not None:
             raise ValueError("context tokens given, but this DiT has no cross-attention (context_dim=None)")
+        clean = None
+        if frame_mask is not None:  # clean frames: the same condition at t = 0
+            c_clean = c + self.t_embedder(torch.zeros_like(t)) - self.t_embedder(t)
+            clean = (c_clean, self._clean_tokens(frame_mask, grid, x.shape[0]))
         for block in self.blocks:
             mask, rope = masks.get(block.attend), ropes.get(block.attend)
             args = (tokens, c, grid, context, context_mask, mask, rope, clean)
@@ -570,16 +568,19 @@ class DiT(nn.Module):
             block.compile(**kwargs)
         return self
 
-    def _time_axis(self, why: str) -> int:
+    def time_axis(self, why: str) -> tuple[int, int]:
+        """(index of the tokenizer's ``time`` axis, frames per token along it); an error naming
+        ``why`` (what needs a time axis) for a tokenizer without one."""
         axes = tuple(self.x_embedder.axes)
         if "time" not in axes:
             raise ValueError(f"{why} needs a tokenizer with a 'time' axis, got axes {axes}")
-        return axes.index("time")
+        ti = axes.index("time")
+        patch = self.x_embedder.patch_size
+        return ti, 1 if patch is None else patch[ti]
 
     def _clean_tokens(self, frame_mask: Tensor, grid: Grid, batch: int) -> Tensor:
         """(B, T) bool over frames -> (B, N) bool over tokens: which tokens hold clean frames."""
-        ti = self._time_axis("frame_mask")
-        p = 1 if self.x_embedder.patch_size is None else self.x_embedder.patch_size[ti]
+        ti, p = self.time_axis("frame_mask")
         if frame_mask.shape != (batch, grid[ti] * p):
             raise ValueError(f"frame_mask must be (B, frames) = ({batch}, {grid[ti] * p}) bool, "
                              f"got {tuple(frame_mask.shape)}")  # fmt: skip
@@ -588,16 +589,13 @@ class DiT(nn.Module):
             raise ValueError(f"frame_mask splits a token: the tokenizer patches {p} frames together, so clean "
                              f"frames must come in whole groups of {p} (a causal VAE's first latent frame "
                              f"is one image: patch it alone)")  # fmt: skip
-        stride = math.prod(grid[ti + 1 :])
-        frame_of_token = torch.arange(math.prod(grid), device=frame_mask.device) // stride % grid[ti]
-        return per_token[:, :, 0][:, frame_of_token]  # (B, N)
+        return per_token[:, :, 0][:, _frame_of_position(grid, ti, frame_mask.device)]  # (B, N)
 
     def _image_masks(self, grid: Grid, num_images: int, device) -> dict:
         """{block.attend: (n, n) bool mask} keeping image frames out of attention over time."""
-        ti = self._time_axis("num_images")
-        patch = self.x_embedder.patch_size
-        if patch is not None and patch[ti] != 1:
-            raise ValueError(f"num_images needs one frame per token along time (patch {patch[ti]} there)")
+        ti, p = self.time_axis("num_images")
+        if p != 1:
+            raise ValueError(f"num_images needs one frame per token along time (patch {p} there)")
         if not 0 < num_images < grid[ti]:
             raise ValueError(f"num_images must be in [1, {grid[ti] - 1}] for {grid[ti]} frames, got {num_images}")
         masks = {}
@@ -605,9 +603,7 @@ class DiT(nn.Module):
             idx = tuple(range(len(grid))) if attend is None else attend
             if ti not in idx:
                 continue  # spatial blocks see one frame at a time already
-            sizes = [grid[i] for i in idx]
-            stride = math.prod(sizes[idx.index(ti) + 1 :])
-            t = torch.arange(math.prod(sizes), device=device) // stride % grid[ti]  # frame of each position
+            t = _frame_of_position([grid[i] for i in idx], idx.index(ti), device)
             video = t < grid[ti] - num_images
             masks[attend] = (video[:, None] & video[None, :]) | (t[:, None] == t[None, :])
         return masks
@@ -629,6 +625,12 @@ class DiT(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> DiT:
         self.gradient_checkpointing = enabled
         return self
+
+
+def _frame_of_position(sizes: Sequence[int], time: int, device) -> Tensor:
+    """(prod(sizes),) the frame of each position of a row-major grid whose axis ``time`` is time."""
+    stride = math.prod(sizes[time + 1 :])
+    return torch.arange(math.prod(sizes), device=device) // stride % sizes[time]
 
 
 def build_dit(

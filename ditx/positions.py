@@ -60,7 +60,6 @@ def sincos_nd(dim: int, grid: Sequence[int]) -> np.ndarray:
     return np.concatenate(chunks, axis=1)
 
 
-
 # ---------------------------------------------------------------------------------------
 # Rotary positions over named axes
 # ---------------------------------------------------------------------------------------

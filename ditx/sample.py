@@ -110,9 +110,7 @@ def _given_frames(recipe, parts, first_frame, last_frame, extend, extend_frames)
     if shape[2] != shape[3]:
         raise ValueError(f"given frames are centre-cropped to square frames; this model generates "
                          f"{shape[2]}x{shape[3]}")  # fmt: skip
-    if recipe.modality not in readers:
-        raise ValueError(f"modality {recipe.modality!r} has no frame reader; readers: {', '.join(readers.names())}")
-    read = readers.get(recipe.modality)
+    read = readers.get(recipe.modality)  # an unknown modality: an error listing the readers
     first = None if first_frame is None else read(first_frame, 1, shape[2])
     last = None if last_frame is None else read(last_frame, 1, shape[2])
     start = None if extend is None else read(extend, extend_frames, shape[2])

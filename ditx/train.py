@@ -338,19 +338,17 @@ class Trainer:
         # drawn after the others, so recipes without text keep their random streams
         self.caption_drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.caption_dropout_prob
         if self.frame_masks:  # and the frame masks after those (image-to-video, extension, interpolation)
-            frames, patch = self.frame_masks
-            self.frame_mask_all = draw_frame_masks(cfg.frame_masks, cfg.batch_size, frames, patch, g)
+            mix, frames, patch = self.frame_masks
+            self.frame_mask_all = draw_frame_masks(mix, cfg.batch_size, frames, patch, g)
 
-    def _frame_mask_mix(self, model) -> tuple[int, int] | None:
-        """(latent frames, frames per token) when the recipe trains with frame masks, else None."""
+    def _frame_mask_mix(self, model) -> tuple[dict[str, float], int, int] | None:
+        """(the checked mix, latent frames, frames per token) when the recipe trains with frame
+        masks, else None."""
         mix = check_frame_mask_mix(self.cfg.frame_masks)
         if not any(mix.values()):
             return None
-        axes = tuple(model.x_embedder.axes)
-        if "time" not in axes:
-            raise ValueError(f"train.frame_masks needs a tokenizer with a 'time' axis (video), got axes {axes}")
-        patch = model.x_embedder.patch_size
-        return self.parts.latent_shape[1], 1 if patch is None else patch[axes.index("time")]
+        _, patch = model.time_axis("train.frame_masks")
+        return mix, self.parts.latent_shape[1], patch
 
     def _loss(self, batch: dict[str, Any], n: int) -> Tensor:
         """The mean diffusion loss of this process's ``n`` items (a zero with gradients when none is readable)."""

@@ -31,6 +31,17 @@ def test_clean_frames_are_modulated_at_timestep_zero():
         assert (model(x, t, y, frame_mask=first) - plain)[:, :, 1:].abs().amax() > 1e-3
 
 
+def test_clean_frames_keep_the_caption_condition():
+    """With a pooled caption in the condition (context_pool), every frame clean = the model at t = 0
+    with the same caption: the clean frames' condition keeps the caption, only the timestep changes."""
+    model = video_dit(context_dim=8, context_pool=True)
+    x, t, y = torch.randn(2, 3, 4, 8, 8), torch.tensor([500.0, 300.0]), torch.tensor([0, 1])
+    context, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        all_clean = model(x, t, y, context=context, context_mask=mask, frame_mask=torch.ones(2, 4, dtype=torch.bool))
+        torch.testing.assert_close(all_clean, model(x, t * 0, y, context=context, context_mask=mask))
+
+
 def test_per_sample_masks_and_the_context_pool_reach_clean_tokens():
     """Each sample's own mask: sample 0's output does not depend on sample 1's mask."""
     model = video_dit()

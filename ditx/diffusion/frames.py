@@ -49,7 +49,7 @@ def frame_mask(kind: str, frames: int, given: int = 1, patch: int = 1) -> Tensor
             raise ValueError(f"extension keeps 1 .. {frames - patch} frames in whole patches of {patch}, got {given}")
         mask[:given] = True
     else:
-        if frames < 2 * patch + patch:
+        if frames < 3 * patch:
             raise ValueError(f"interpolation needs at least one frame between the first and the last, got {frames}")
         mask[:patch] = mask[-patch:] = True
     return mask
@@ -75,6 +75,11 @@ def draw_frame_masks(
         for i in rows:
             masks[i] = frame_mask(kind, frames, int(lengths[i]) * patch, patch)
     return masks
+
+
+def per_frame(mask: Tensor, ndim: int) -> Tensor:
+    """A (B, T) frame mask as (B, 1, T, 1, ...), broadcastable over data (B, C, T, ...) of ``ndim`` dims."""
+    return mask.bool().view(mask.shape[0], 1, mask.shape[1], *[1] * (ndim - 3))
 
 
 def latent_frame_mask(mask: Tensor, latent_frames: int) -> Tensor:

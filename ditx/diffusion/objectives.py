@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ditx.diffusion.frames import per_frame
 from ditx.registry import objectives
 
 __all__ = [
@@ -56,7 +57,7 @@ def clean_frames(x_t: Tensor, x0: Tensor, model_kwargs: dict[str, Any] | None) -
     if x0.ndim < 3 or mask.shape != x0.shape[:1] + x0.shape[2:3]:
         raise ValueError(f"frame_mask must be (B, frames) = {tuple(x0.shape[:1] + x0.shape[2:3])} for data "
                          f"(B, C, frames, ...) = {tuple(x0.shape)}, got {tuple(mask.shape)}")  # fmt: skip
-    clean = mask.bool().view(mask.shape[0], 1, mask.shape[1], *[1] * (x0.ndim - 3))  # (B, 1, T, 1, ...)
+    clean = per_frame(mask, x0.ndim)  # (B, 1, T, 1, ...)
     return torch.where(clean, x0, x_t), ~clean
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ditx.diffusion.frames import per_frame
 from ditx.diffusion.objectives import Objective
 
 __all__ = ["sample", "apply_guidance"]
@@ -108,7 +109,7 @@ def sample(
             raise ValueError(f"frames must be (clean data of shape {tuple(shape)}, a ({B}, {shape[2]}) bool mask), "
                              f"got {tuple(clean.shape)} and {tuple(frame_mask.shape)}")  # fmt: skip
         frame_mask = frame_mask.to(device=device, dtype=torch.bool)
-        keep = frame_mask.view(B, 1, shape[2], *[1] * (len(shape) - 3))  # (B, 1, T, 1, ...)
+        keep = per_frame(frame_mask, len(shape))  # (B, 1, T, 1, ...)
         clean = clean.to(device=device, dtype=dtype)
         model_kwargs["frame_mask"] = frame_mask
     unknown = set(uncond_model_kwargs) - set(model_kwargs)

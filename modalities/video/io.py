@@ -185,12 +185,10 @@ def write_video_samples(
 # Given frames (image-to-video, extension, interpolation)
 # --------------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-
-
 def read_given_frames(path: str | Path, num_frames: int, size: int) -> Tensor:
     """(3, num_frames, size, size) in [-1, 1]: an image (one frame) or a clip's first ``num_frames``
     frames (decord), short side resized to ``size`` and centre-cropped, as training clips are."""
+    from ditx.modalities.image.data import IMAGE_EXTENSIONS
     from ditx.modalities.video.clips import probe_video, read_frames, resize_center_crop
 
     path = Path(path)
@@ -198,7 +196,7 @@ def read_given_frames(path: str | Path, num_frames: int, size: int) -> Tensor:
         raise FileNotFoundError(f"given frames: {str(path)!r} is not a file (an image or a video)")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"the number of given frames must be a positive integer, got {num_frames!r}")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
         if num_frames != 1:
             raise ValueError(f"{path} is an image: it gives 1 frame, {num_frames} were asked for")
         try:
