@@ -56,7 +56,13 @@ class Dataset(TorchDataset):
       recipe's arguments (for folders: each file's path, size and time), part of a latent
       cache's identity;
     - ``cache_variants(index)``: the items a latent cache stores for ``index``, e.g. an
-      image and its mirror when random flips are on (training then picks one per epoch).
+      image and its mirror when random flips are on (training then picks one per epoch);
+    - ``buckets`` and ``item_buckets``: for data of many sizes (the recipe's ``data.buckets``,
+      parsed by :func:`parse_buckets`), the list of :class:`Bucket` and each item's bucket
+      (an index into it, see :func:`assign_buckets`); item ``i``'s ``"x"`` then has the shape
+      ``(C, *buckets[item_buckets[i]].size)`` and ``data_shape`` is the first bucket's. None
+      for data of one size: training batches them with :class:`BucketBatchSampler`, one
+      bucket per optimizer step.
 
     The defaults below suit a dataset without classes, augmentation or files.
     """
@@ -66,6 +72,8 @@ class Dataset(TorchDataset):
     split: str = "train"
     sample_shape: tuple[int, ...] | None = None
     captions: list[str] | None = None  # a class attribute here; file datasets make it a property
+    buckets: list[Bucket] | None = None  # data of many sizes: the buckets, and each item's
+    item_buckets: Sequence[int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch; nothing to do without per-epoch augmentation."""
@@ -438,3 +446,187 @@ def captions_fingerprint(captions: Iterable[str]) -> str:
     for caption in captions:
         digest.update(caption.encode("utf-8", "surrogatepass") + b"\0")
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Buckets: batches of one size each, for data of many aspect ratios and lengths
+# --------------------------------------------------------------------------------------
+
+
+class Bucket:
+    """One bucket of ``data.buckets``: items resized to ``size`` (the data axes without
+    channels: ``[frames, height, width]`` for video, ``[height, width]`` for images), trained
+    in global batches of ``batch_size`` (None: ``train.batch_size``); an item whose nearest
+    bucket this is lands here with ``probability``, else it tries the next one (Open-Sora's
+    keep probability)."""
+
+    __slots__ = ("size", "batch_size", "probability")
+
+    def __init__(self, size: Sequence[int], batch_size: int | None = None, probability: float = 1.0):
+        self.size, self.batch_size, self.probability = tuple(int(s) for s in size), batch_size, float(probability)
+
+    @property
+    def name(self) -> str:
+        """``"8x32x48"``: the bucket in metric keys, logs and file names."""
+        return "x".join(map(str, self.size))
+
+    @property
+    def aspect(self) -> float:
+        """log(width / height) of the last two axes."""
+        return float(np.log(self.size[-1] / self.size[-2]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "batch_size": self.batch_size, "probability": self.probability}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Bucket) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.name}, batch_size={self.batch_size}, probability={self.probability})"
+
+
+def parse_buckets(spec: Any, axes: Sequence[str], where: str = "data.buckets") -> list[Bucket]:
+    """A recipe's ``data.buckets`` as :class:`Bucket` objects, checked.
+
+    ``spec`` is a list of ``{size: [...], batch_size: B, probability: p}`` (``batch_size``
+    and ``probability`` optional); ``axes`` names the size entries (e.g. ``("frames",
+    "height", "width")``). Errors name the entry and what is allowed.
+    """
+    if isinstance(spec, Bucket):
+        spec = [spec]
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ValueError(f"{where} must be a non-empty list of {{size: [{', '.join(axes)}], batch_size: B, "
+                         f"probability: p}} entries, got {spec!r}")  # fmt: skip
+    buckets = []
+    for i, entry in enumerate(spec):
+        if isinstance(entry, Bucket):
+            entry = entry.to_dict()
+        if not isinstance(entry, dict) or "size" not in entry:
+            raise ValueError(f"{where}[{i}] must be a mapping with a 'size' of [{', '.join(axes)}], got {entry!r}")
+        unknown = sorted(set(entry) - {"size", "batch_size", "probability"})
+        if unknown:
+            raise ValueError(f"{where}[{i}] has unknown keys {unknown}; allowed: size, batch_size, probability")
+        size, batch, p = entry["size"], entry.get("batch_size"), entry.get("probability", 1.0)
+        if (not isinstance(size, (list, tuple)) or len(size) != len(axes)
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)):  # fmt: skip
+            raise ValueError(f"{where}[{i}] size must be {len(axes)} positive integers [{', '.join(axes)}], "
+                             f"got {size!r}")  # fmt: skip
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ValueError(f"{where}[{i}] batch_size must be a positive integer (or absent: train.batch_size), "
+                             f"got {batch!r}")  # fmt: skip
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"{where}[{i}] probability must be in (0, 1], got {p!r}")
+        bucket = Bucket(size, batch, p)
+        if bucket.size in [b.size for b in buckets]:
+            raise ValueError(f"{where}[{i}] repeats the size {list(size)}; each bucket needs its own size")
+        buckets.append(bucket)
+    return buckets
+
+
+def _uniform(seed: int, index: int, bucket: int) -> float:
+    """A number in [0, 1) fixed by (seed, index, bucket): the keep draw of an item in a bucket."""
+    digest = hashlib.blake2b(f"bucket:{seed}:{index}:{bucket}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def assign_buckets(
+    natives: Sequence[Sequence[int]], buckets: Sequence[Bucket], seed: int, length_fits=None
+) -> np.ndarray:
+    """Each item's bucket (an index into ``buckets``, -1 when none takes it).
+
+    ``natives`` are the items' own sizes on the buckets' axes (e.g. a video's frames,
+    height, width). An item goes to the buckets whose aspect ratio (the last two axes) is
+    nearest its own; with a length axis first (video), only to those it is long enough for
+    (``length_fits(native_length, bucket_length)``; every bucket when none is). Among those,
+    the longest, then the largest, comes first, and the item stays in it with its
+    ``probability`` (a draw fixed by ``(seed, index, bucket)``), else it tries the next;
+    when every draw refuses it, the item is left out. Fixed by ``seed``, not by the epoch,
+    so a latent cache holds each item once, in its bucket.
+    """
+    aspects = np.array([b.aspect for b in buckets])
+    out = np.full(len(natives), -1, dtype=np.int64)
+    for i, native in enumerate(natives):
+        candidates = list(range(len(buckets)))
+        if length_fits is not None:
+            fitting = [b for b in candidates if length_fits(native[0], buckets[b].size[0])]
+            # too short for every bucket: the shortest, where the dataset's short policy applies
+            candidates = fitting or [min(candidates, key=lambda b: buckets[b].size[0])]
+        distance = np.abs(aspects[candidates] - np.log(native[-1] / native[-2]))
+        nearest = [b for b, d in zip(candidates, distance) if d <= distance.min() + 1e-9]
+        nearest.sort(key=lambda b: (-buckets[b].size[0], -int(np.prod(buckets[b].size))))
+        for b in nearest:
+            if buckets[b].probability >= 1 or _uniform(seed, i, b) < buckets[b].probability:
+                out[i] = b
+                break
+    return out
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """This process's slice of each global micro-batch, every optimizer step's batch from one bucket.
+
+    Per epoch (one seeded generator): each bucket's items are permuted and cut into global
+    batches of its ``batch_sizes[b]`` (incomplete ones dropped), then all the epoch's batches
+    are put in a seeded order. Optimizer step ``k`` of the epoch is ``steps[k]``; its
+    micro-batch ``j`` of ``grad_accum`` is the ``j``-th slice of ``batch_size / grad_accum``
+    items, and process ``r`` of ``world`` takes its ``r``-th part, as ``GlobalBatchSampler``
+    does. ``start`` skips micro-batches already trained on (resume).
+    """
+
+    def __init__(self, item_buckets: Sequence[int], batch_sizes: Sequence[int], grad_accum: int, rank: int,
+                 world: int, seed: int, epoch: int, start: int = 0):  # fmt: skip
+        for b, size in enumerate(batch_sizes):
+            if size % (grad_accum * world):
+                raise ValueError(f"bucket {b}'s batch_size {size} must be divisible by grad_accum ({grad_accum}) x "
+                                 f"processes ({world}); it is the global batch per optimizer step")  # fmt: skip
+        self.item_buckets = np.asarray(item_buckets, dtype=np.int64)
+        self.batch_sizes, self.grad_accum = list(batch_sizes), grad_accum
+        self.rank, self.world, self.seed, self.epoch, self.start = rank, world, seed, epoch, start
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        steps: list[tuple[int, list[int]]] = []
+        for b, size in enumerate(self.batch_sizes):
+            members = np.flatnonzero(self.item_buckets == b)
+            perm = members[torch.randperm(len(members), generator=g).numpy()].tolist()
+            steps += [(b, perm[k * size : (k + 1) * size]) for k in range(len(members) // size)]
+        order = torch.randperm(len(steps), generator=g).tolist()
+        self.steps = [steps[k] for k in order]
+
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per epoch (optimizer steps x ``grad_accum``)."""
+        return len(self.steps) * self.grad_accum
+
+    def bucket_of(self, micro: int) -> int:
+        """The bucket of the epoch's micro-batch ``micro``."""
+        return self.steps[micro // self.grad_accum][0]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start)
+
+    def __iter__(self):
+        for k in range(self.start, self.batches_per_epoch()):
+            bucket, items = self.steps[k // self.grad_accum]
+            micro = len(items) // self.grad_accum
+            local = micro // self.world
+            first = (k % self.grad_accum) * micro + self.rank * local
+            yield items[first : first + local]
+
+
+class BucketSubset(Dataset):
+    """The items of a bucketed dataset that lie in ``bucket``, a dataset of one shape (e.g. a
+    metric's reference per bucket); ``data_shape`` is that bucket's."""
+
+    def __init__(self, dataset: Dataset, bucket: int):
+        buckets = getattr(dataset, "buckets", None)
+        if not buckets:
+            raise ValueError(f"{type(dataset).__name__} has no buckets")
+        self.dataset, self.bucket = dataset, bucket
+        self.indices = np.flatnonzero(np.asarray(dataset.item_buckets) == bucket)
+        self.data_shape = (dataset.data_shape[0], *buckets[bucket].size)
+        self.num_classes, self.split = dataset.num_classes, dataset.split
+        all_captions = dataset.captions
+        self.captions = None if all_captions is None else [all_captions[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[int(self.indices[index])]
