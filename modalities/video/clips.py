@@ -183,25 +183,31 @@ def read_frames(path: str, indices: list[int], height: int = -1, width: int = -1
 
 
 def resize_center_crop(frames: np.ndarray, size: int) -> Tensor:
-    """uint8 ``(T, H, W, 3)`` -> float ``(3, T, size, size)`` in [-1, 1].
+    """uint8 ``(T, H, W, 3)`` -> float ``(3, T, size, size)`` in [-1, 1]: :func:`resize_cover_crop` to a square."""
+    return resize_cover_crop(frames, size, size)
 
-    The short side is resized to ``size`` (bilinear with antialiasing, so downscaling
-    does not alias; the long side rounded to the nearest pixel), then the centre
-    ``size``×``size`` square is cut out. Frames already ``size`` on the short side are not resampled.
-    The resize runs on the uint8 frames (torch's vectorised channels-last kernel: 19x faster
-    than in float32 for 16 frames of 320×240 -> 256², and the same values to within one grey
-    level, the precision of the frames themselves).
+
+def resize_cover_crop(frames: np.ndarray, height: int, width: int) -> Tensor:
+    """uint8 ``(T, H, W, 3)`` -> float ``(3, T, height, width)`` in [-1, 1], the aspect ratio kept.
+
+    The frames are scaled (bilinear with antialiasing, so downscaling does not alias; the
+    other side rounded to the nearest pixel) by the smallest factor that covers
+    ``height``×``width``, then the centre ``height``×``width`` is cut out: the minimal crop.
+    Frames already covering it exactly on one side are not resampled. The resize runs on
+    the uint8 frames (torch's vectorised channels-last kernel: 19x faster than in float32
+    for 16 frames of 320×240 -> 256², and the same values to within one grey level, the
+    precision of the frames themselves).
     """
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, channels-last
     h, w = x.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        new = (size, max(size, round(w * scale))) if h <= w else (max(size, round(h * scale)), size)
+    scale = max(height / h, width / w)
+    new = (max(height, round(h * scale)), max(width, round(w * scale)))
+    if new != (h, w):
         x = F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)
         h, w = new
-    top, left = (h - size) // 2, (w - size) // 2
-    x = x[:, :, top : top + size, left : left + size]  # (T, 3, S, S)
-    return (x.permute(1, 0, 2, 3).float() / 127.5 - 1.0).contiguous()  # (3, T, S, S) in [-1, 1]
+    top, left = (h - height) // 2, (w - width) // 2
+    x = x[:, :, top : top + height, left : left + width]  # (T, 3, height, width)
+    return (x.permute(1, 0, 2, 3).float() / 127.5 - 1.0).contiguous()  # (3, T, height, width) in [-1, 1]
 
 
 # --------------------------------------------------------------------------------------

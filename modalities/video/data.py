@@ -8,6 +8,7 @@ files first, so the tiny recipe exercises exactly the path that UCF-101 takes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -21,20 +22,24 @@ from ditx.modalities.video.clips import (
     probe_videos,
     read_frames,
     resize_center_crop,
+    resize_cover_crop,
     sample_clip_indices,
 )
 from torch import Tensor
 
 from ditx.data import (
     MANIFEST_SUFFIXES,
+    Bucket,
     Dataset,
     PackedStrings,
     all_or_no_captions,
+    assign_buckets,
     captions_fingerprint,
     data_extensions,
     deterministic_choice,
     has_extension,
     is_manifest,
+    parse_buckets,
     read_manifest,
     scan_class_folders,
     sidecar_captions,
@@ -99,6 +104,15 @@ class VideoFolderDataset(Dataset):
     ``item["num_images"] = k``; the backbone keeps them out of temporal attention (see
     ``DiT.forward``'s ``num_images``). Latent caches hold clips only.
 
+    ``buckets`` (the recipe's ``data.buckets``: ``[{size: [frames, height, width],
+    batch_size: B, probability: p}, ...]``) trains on clips of many aspect ratios and
+    lengths instead of one square: each video goes to a bucket by ``ditx.data.assign_buckets``
+    (the nearest aspect ratio among the buckets it is long enough for, the longest first),
+    its clips have that bucket's frames and are resized to cover its height×width with
+    the aspect ratio kept and the centre cut out (the minimal crop; ``resize_cover_crop``).
+    ``num_frames`` and ``size`` are then unused; ``data_shape`` is the first bucket's,
+    ``item_buckets`` says each item's bucket, and ``stats["buckets"]`` counts them.
+
     Readers are opened in ``__getitem__`` and released after each item (DataLoader
     workers work; decord's long-lived readers leak memory). A file that fails then
     raises ``OSError("cannot read video <path>: ...")``, which the trainer logs and
@@ -123,6 +137,7 @@ class VideoFolderDataset(Dataset):
         cache_dir: str | None = None,
         image_frames: int = 0,
         augment: bool = True,
+        buckets: list[dict[str, Any]] | None = None,
     ):
         name = self.registered_name
         for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
@@ -145,6 +160,12 @@ class VideoFolderDataset(Dataset):
             raise ValueError(f"video-folder image_frames must be an integer >= 0, got {image_frames!r}")
         self.image_frames = image_frames
         self.epoch = 0
+        self.buckets: list[Bucket] | None = None
+        if buckets is not None:
+            self.buckets = parse_buckets(buckets, ("frames", "height", "width"), f"{name} buckets")
+            if image_frames:
+                raise ValueError(f"{name}: buckets and image_frames={image_frames} do not go together (the extra "
+                                 f"image frames have one size); set data.image_frames=0")  # fmt: skip
 
         if is_manifest(self.root):
             paths, labels, self.classes, captions = read_manifest(self.root, name, "videos")
@@ -162,12 +183,18 @@ class VideoFolderDataset(Dataset):
         cache = Path(cache_dir).expanduser() if cache_dir is not None else ditx_cache_dir()
         infos = probe_videos(paths, cache, self.root)
         span = clip_span(num_frames, frame_stride)
-        keep, unreadable, short, skipped = [], [], 0, 0
+        bucket_of = self._assign_buckets(infos)
+        keep, unreadable, short, skipped, unbucketed = [], [], 0, 0, 0
         for i, (path, info) in enumerate(zip(paths, infos)):
             if "error" in info:
                 logger.warning("%s: leaving out an unreadable video: %s", name, info["error"])
                 unreadable.append(path)
                 continue
+            if bucket_of is not None:
+                if bucket_of[i] < 0:
+                    unbucketed += 1  # every bucket's keep draw refused it
+                    continue
+                span = clip_span(self.buckets[bucket_of[i]].size[0], frame_stride)
             if info["frames"] < span:
                 short += 1
                 if short_policy == "skip":
@@ -185,11 +212,18 @@ class VideoFolderDataset(Dataset):
         self._frames = np.array([infos[i]["frames"] for i in keep], dtype=np.int64)
         self._hw = np.array([(infos[i]["height"], infos[i]["width"]) for i in keep], dtype=np.int64).reshape(-1, 2)
         self._captions = PackedStrings(captions[i] for i in keep) if captions is not None else None
+        self.item_buckets = None if bucket_of is None else bucket_of[keep]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.num_classes = len(self.classes)
         self.sample_shape = (3, num_frames, size, size)  # what a trained model generates
         self.data_shape = (3, num_frames + self.image_frames, size, size)  # what training items hold
         self.stats = {"videos": len(keep), "unreadable": unreadable, "short": short, "skipped_short": skipped}
+        if self.buckets is not None:
+            self.sample_shape = self.data_shape = (3, *self.buckets[0].size)
+            counts = np.bincount(self.item_buckets, minlength=len(self.buckets))
+            self.stats["buckets"] = {b.name: int(c) for b, c in zip(self.buckets, counts)}
+            self.stats["left_out_by_bucket_probability"] = unbucketed
+            logger.info("%s %s: videos per bucket %s", name, self.root, self.stats["buckets"])
         done = {"skip": "skipped", "loop": "looped", "pad": "padded"}[short_policy]
         kept_short = f", {short} shorter than {span} frames ({done})" if short else ""
         logger.info(
@@ -197,6 +231,20 @@ class VideoFolderDataset(Dataset):
             f" in {self.num_classes} classes" if self.num_classes else " (unconditional)",
             f", {len(unreadable)} unreadable (left out)" if unreadable else "", kept_short,
         )  # fmt: skip
+
+    def _assign_buckets(self, infos: list[dict[str, Any]]) -> np.ndarray | None:
+        """Each video's bucket (-1: left out by the keep draws; unreadable ones get -1 too), or None without buckets."""
+        if self.buckets is None:
+            return None
+        natives = [(i["frames"], i["height"], i["width"]) if "error" not in i else (1, 1, 1) for i in infos]
+        stride = self.frame_stride
+        return assign_buckets(natives, self.buckets, self.seed, lambda n, t: n >= clip_span(t, stride))
+
+    def clip_size(self, index: int) -> tuple[int, int, int]:
+        """(frames, height, width) of item ``index``'s clips: its bucket's, else num_frames x size x size."""
+        if self.buckets is None:
+            return self.num_frames, self.size, self.size
+        return self.buckets[int(self.item_buckets[index])].size
 
     # ---- finding the files ------------------------------------------------------------
 
@@ -239,17 +287,17 @@ class VideoFolderDataset(Dataset):
     def clip_indices(self, index: int, start: int | Literal["center"] | None = None) -> list[int]:
         """The frame indices of item ``index``: ``start`` as in ``sample_clip_indices``; ``None`` = this
         split's choice (drawn from ``(seed, epoch, index)`` when training, centred otherwise)."""
-        frames = self.num_video_frames(index)
+        frames, num_frames = self.num_video_frames(index), self.clip_size(index)[0]
         if start is None:
             if self.split == "train":
-                n = num_clip_starts(frames, self.num_frames, self.frame_stride, self.short_policy)
+                n = num_clip_starts(frames, num_frames, self.frame_stride, self.short_policy)
                 start = deterministic_choice(self.seed, self.epoch, index, n)
             else:
                 start = "center"
-        return sample_clip_indices(frames, self.num_frames, self.frame_stride, start, self.short_policy)
+        return sample_clip_indices(frames, num_frames, self.frame_stride, start, self.short_policy)
 
     def _decode_hw(self, index: int) -> tuple[int, int]:
-        if self.decode_size is not None:
+        if self.decode_size is not None and self.buckets is None:
             h, w = (int(v) for v in self._hw[index])
             if min(h, w) > self.decode_size:  # only ever scale down while decoding
                 scale = self.decode_size / min(h, w)
@@ -257,9 +305,12 @@ class VideoFolderDataset(Dataset):
         return -1, -1
 
     def load(self, index: int, start: int | Literal["center"] | None = None) -> Tensor:
-        """Item ``index``'s clip ``(3, num_frames, size, size)`` in [-1, 1], resized and cropped, not flipped."""
+        """Item ``index``'s clip ``(3, num_frames, size, size)`` (with buckets, ``(3, *bucket size)``) in [-1, 1],
+        resized and cropped, not flipped."""
         index = range(len(self))[index]
         frames = read_frames(self.path(index), self.clip_indices(index, start), *self._decode_hw(index))
+        if self.buckets is not None:
+            return resize_cover_crop(frames, *self.clip_size(index)[1:])
         return resize_center_crop(frames, self.size)
 
     def image_frames_for(self, index: int) -> list[tuple[int, int]]:
@@ -314,6 +365,10 @@ class VideoFolderDataset(Dataset):
         }  # fmt: skip
         if self._captions is not None:
             key["captions"] = captions_fingerprint(self._captions)
+        if self.buckets is not None:  # the seed fixes which bucket each video lands in
+            key.update(buckets=[b.to_dict() for b in self.buckets], seed=self.seed,
+                       crop="cover-bilinear-antialias-center",
+                       item_buckets=hashlib.sha256(self.item_buckets.astype("<i8").tobytes()).hexdigest())
         return key
 
     def __getitem__(self, index: int) -> dict[str, Any]:

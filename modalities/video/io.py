@@ -185,11 +185,12 @@ def write_video_samples(
 # Given frames (image-to-video, extension, interpolation)
 # --------------------------------------------------------------------------------------
 
-def read_given_frames(path: str | Path, num_frames: int, size: int) -> Tensor:
-    """(3, num_frames, size, size) in [-1, 1]: an image (one frame) or a clip's first ``num_frames``
-    frames (decord), short side resized to ``size`` and centre-cropped, as training clips are."""
+def read_given_frames(path: str | Path, num_frames: int, size: int | tuple[int, int]) -> Tensor:
+    """(3, num_frames, height, width) in [-1, 1]: an image (one frame) or a clip's first ``num_frames``
+    frames (decord), resized to cover ``size`` (an int: a square; else (height, width)) with the
+    aspect ratio kept and centre-cropped, as training clips are."""
     from ditx.modalities.image.data import IMAGE_EXTENSIONS
-    from ditx.modalities.video.clips import probe_video, read_frames, resize_center_crop
+    from ditx.modalities.video.clips import probe_video, read_frames, resize_cover_crop
 
     path = Path(path)
     if not path.is_file():
@@ -209,4 +210,5 @@ def read_given_frames(path: str | Path, num_frames: int, size: int) -> Tensor:
         if length < num_frames:
             raise ValueError(f"{path} has {length} frames, fewer than the {num_frames} to keep")
         frames = read_frames(str(path), list(range(num_frames)))
-    return resize_center_crop(frames, size)
+    height, width = (size, size) if isinstance(size, int) else size
+    return resize_cover_crop(frames, height, width)
