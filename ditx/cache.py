@@ -106,17 +106,21 @@ def cache_latents(
     with atomic_write(progress_path) as tmp:
         tmp.write_text(json.dumps(fp))
 
-    n = len(dataset)
+    # a shard holds items of one bucket (one latent shape); without buckets, items in order
+    groups = _items_by_bucket(dataset)
+    planned = [(bucket, items[i : i + shard_size]) for bucket, items in groups
+               for i in range(0, len(items), shard_size)]  # fmt: skip
     shards = []
-    for k, start in enumerate(tqdm(range(0, n, shard_size), desc="cache-latents", unit="shard")):
-        stop = min(start + shard_size, n)
+    for k, (bucket, members) in enumerate(tqdm(planned, desc="cache-latents", unit="shard")):
         path = out / f"shard_{k:05d}.safetensors"
-        shards.append({"file": path.name, "start": start, "count": stop - start})
-        if _shard_ok(path, stop - start):
+        entry = {"file": path.name, "count": len(members)}
+        entry.update({"start": members[0]} if bucket is None else {"bucket": bucket, "items": members})
+        shards.append(entry)
+        if _shard_ok(path, len(members)):
             continue  # written by an earlier, interrupted run
         latents, labels, captions = [], [], []
-        for b0 in range(start, stop, batch_size):
-            items = [dataset.cache_variants(i) for i in range(b0, min(b0 + batch_size, stop))]
+        for b0 in range(0, len(members), batch_size):
+            items = [dataset.cache_variants(i) for i in members[b0 : b0 + batch_size]]
             v = len(items[0])
             x = torch.stack([it["x"] for variants in items for it in variants]).to(device)
             z = ae.encode(x).float().cpu()
@@ -135,6 +139,15 @@ def cache_latents(
     progress_path.unlink(missing_ok=True)
     _cache_captions(recipe, out, device)
     return out
+
+
+def _items_by_bucket(dataset) -> list[tuple[int | None, list[int]]]:
+    """(bucket, its item indices in order) for each bucket of a bucketed dataset, else [(None, every index)]."""
+    if not getattr(dataset, "buckets", None):
+        return [(None, list(range(len(dataset))))]
+    item_buckets = torch.as_tensor(list(dataset.item_buckets))
+    return [(b, torch.nonzero(item_buckets == b).flatten().tolist()) for b in range(len(dataset.buckets))
+            if (item_buckets == b).any()]  # fmt: skip
 
 
 def _cache_captions(recipe: Recipe, out: Path, device) -> None:

@@ -50,7 +50,13 @@ def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...],
     """Everything the cached latents depend on: settings, the autoencoder's weights and
     (through the dataset's ``cache_key``) its files' paths, sizes and modification times."""
     key = dataset.cache_key()
+    buckets = getattr(dataset, "buckets", None)
+    extra = {}
+    if buckets:  # each bucket's latent shape
+        extra["bucket_latent_shapes"] = [list(autoencoder.latent_shape((dataset.data_shape[0], *b.size)))
+                                         for b in buckets]  # fmt: skip
     return {
+        **extra,
         "autoencoder": recipe.autoencoder.to_dict(),
         "autoencoder_weights": weights_sha256(autoencoder),
         "data": recipe.data.to_dict(),
@@ -69,25 +75,51 @@ def fingerprint_difference(expected: dict[str, Any], got: dict[str, Any] | None)
 
 class CachedLatents(Dataset):
     """Items ``{"x": latent, "y": label}`` (and ``"caption"``) from a cache; with several
-    variants per item (e.g. flipped), each epoch picks one per item deterministically."""
+    variants per item (e.g. flipped), each epoch picks one per item deterministically.
 
-    def __init__(self, root: str | Path, seed: int = 0):
+    A cache of a bucketed dataset holds each bucket's latents in its own shards (one latent
+    shape each); items keep the dataset's order and buckets (``buckets``, ``item_buckets``)."""
+
+    def __init__(self, root: str | Path, seed: int = 0, buckets: list | None = None):
         from safetensors import safe_open
 
         root = Path(root)
         index = json.loads((root / INDEX_NAME).read_text())
-        latents, labels, captions = [], [], []
+        per_bucket: dict[int, list[Tensor]] = {}
+        rows: dict[int, tuple[int, int]] = {}  # item -> (bucket, row in that bucket's latents)
+        labels, captions = {}, {}
         for shard in index["shards"]:
+            bucket = shard.get("bucket", 0)
+            items = shard["items"] if "bucket" in shard else range(shard["start"], shard["start"] + shard["count"])
             with safe_open(str(root / shard["file"]), framework="pt") as f:
-                latents.append(f.get_tensor("latents"))
-                labels.append(f.get_tensor("labels"))
-                captions.append((f.metadata() or {}).get("captions"))
-        self.latents: Tensor = torch.cat(latents)  # (N, V, *latent)
-        self.labels: Tensor = torch.cat(labels)
-        self.captions = _joined_captions(captions)
+                latents = f.get_tensor("latents")
+                shard_labels = f.get_tensor("labels").tolist()
+                shard_captions = (f.metadata() or {}).get("captions")
+            done = sum(len(t) for t in per_bucket.get(bucket, []))
+            per_bucket.setdefault(bucket, []).append(latents)
+            shard_captions = json.loads(shard_captions) if shard_captions is not None else [None] * len(items)
+            for j, i in enumerate(items):
+                rows[i] = (bucket, done + j)
+                labels[i], captions[i] = shard_labels[j], shard_captions[j]
+        n = len(rows)
+        # bucket -> (N_b, V, *latent of the bucket)
+        self.bucket_latents: dict[int, Tensor] = {b: torch.cat(t) for b, t in per_bucket.items()}
+        self._rows = [rows[i] for i in range(n)]
+        self.labels: Tensor = torch.tensor([labels[i] for i in range(n)], dtype=torch.int64)
+        ordered = [captions[i] for i in range(n)]
+        self.captions = ordered if all(isinstance(c, str) for c in ordered) else None
         self.variants = index["variants"]
         self.data_shape = tuple(index["fingerprint"]["latent_shape"])
+        self.buckets = buckets
+        self.item_buckets = [b for b, _ in self._rows] if buckets else None
         self.seed, self.epoch = seed, 0
+
+    @property
+    def latents(self) -> Tensor:
+        """(N, V, *latent) every item's latents, for a cache of one latent shape."""
+        if len(self.bucket_latents) != 1:
+            raise ValueError("a cache of several buckets holds latents of several shapes; read bucket_latents")
+        return next(iter(self.bucket_latents.values()))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -97,7 +129,8 @@ class CachedLatents(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         v = deterministic_choice(self.seed, self.epoch, index, self.variants) if self.variants > 1 else 0
-        item: dict[str, Any] = {"x": self.latents[index, v]}
+        bucket, row = self._rows[index]
+        item: dict[str, Any] = {"x": self.bucket_latents[bucket][row, v]}
         if self.labels[index] >= 0:
             item["y"] = int(self.labels[index])
         if self.captions is not None:
@@ -167,4 +200,4 @@ def maybe_cached_dataset(recipe: Recipe, parts: Any) -> Dataset:
             f"cache has {[got.get(k) for k in differ]}, recipe needs {[expected.get(k) for k in differ]}). "
             f"Re-run `ditx cache-latents` for this recipe or unset train.latent_cache"
         )
-    return CachedLatents(root, seed=recipe.train.seed)
+    return CachedLatents(root, seed=recipe.train.seed, buckets=getattr(parts.dataset, "buckets", None))
