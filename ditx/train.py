@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ditx.build import build_components
-from ditx.data import GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
+from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
 from ditx.recipe import Recipe
@@ -279,16 +279,49 @@ class Trainer:
         accelerator.init_trackers(str(self.run_dir / "logs"), config=_flat_hparams(recipe))
 
         self.data = SkipBadSamples(self.dataset)
-        self.per_epoch = GlobalBatchSampler(len(self.data), self.local, self.rank, self.world, cfg.seed, 0
-                                            ).batches_per_epoch()  # fmt: skip
+        self._bucket_shapes()
+        self._epoch_sampler: tuple[int, Any] | None = None
+        self.per_epoch = self._sampler(0).batches_per_epoch()
         if self.per_epoch == 0:
+            wanted = self.micro_global if self.buckets is None else dict(zip(
+                [b.name for b in self.buckets], self.bucket_batch))  # fmt: skip
             raise ValueError(
-                f"the dataset has {len(self.data)} items, fewer than one global micro-batch of {self.micro_global}"
+                f"the dataset has {len(self.data)} items, fewer than one global micro-batch of {wanted}"
+                + ("" if self.buckets is None else f" in any bucket (items per bucket: "
+                   f"{dict(zip([b.name for b in self.buckets], _counts(self.dataset.item_buckets, self.buckets)))})")
             )
         self.micro_step = self.step * cfg.grad_accum
         self.last_good = self.found  # a new run folder holds no checkpoint; a resumed one, the one it resumed from
         self.window: list[float] = []
+        self.window_samples = 0
         self.tic = time.perf_counter()
+
+    def _bucket_shapes(self) -> None:
+        """Each bucket's global batch and latent shape (one bucket, the recipe's, for data of one size)."""
+        self.buckets = getattr(self.dataset, "buckets", None) or None
+        if self.buckets is None:
+            self.bucket_batch, self.bucket_latent = [self.cfg.batch_size], [tuple(self.parts.latent_shape)]
+            return
+        channels = self.parts.data_shape[0]
+        self.bucket_batch = [b.batch_size or self.cfg.batch_size for b in self.buckets]
+        self.bucket_latent = [tuple(self.autoencoder.latent_shape((channels, *b.size))) for b in self.buckets]
+
+    def _sampler(self, epoch: int, start: int = 0):
+        """The batch sampler of ``epoch`` (one bucket per optimizer step when the data has buckets)."""
+        cfg = self.cfg
+        if self.buckets is None:
+            return GlobalBatchSampler(len(self.data), self.local, self.rank, self.world, cfg.seed, epoch, start)
+        return BucketBatchSampler(self.dataset.item_buckets, self.bucket_batch, cfg.grad_accum, self.rank,
+                                  self.world, cfg.seed, epoch, start)  # fmt: skip
+
+    def _bucket_at(self, micro_step: int) -> int:
+        """The bucket of micro-batch ``micro_step`` (counted from the start of training)."""
+        if self.buckets is None:
+            return 0
+        epoch, position = divmod(micro_step, self.per_epoch)
+        if self._epoch_sampler is None or self._epoch_sampler[0] != epoch:
+            self._epoch_sampler = (epoch, self._sampler(epoch))
+        return self._epoch_sampler[1].bucket_of(position)
 
     def _text_source(self):
         """What turns a batch's captions into context: the caption embeddings cached beside the
@@ -316,7 +349,7 @@ class Trainer:
         while self.step < cfg.steps:
             epoch, start = divmod(self.micro_step, self.per_epoch)
             self.dataset.set_epoch(epoch)
-            sampler = GlobalBatchSampler(len(self.data), self.local, self.rank, self.world, cfg.seed, epoch, start)
+            sampler = self._sampler(epoch, start)
             yield from DataLoader(
                 self.data,
                 batch_sampler=sampler,
@@ -331,24 +364,27 @@ class Trainer:
         """Noise, timesteps and label dropout for the whole global batch of this optimizer step,
         drawn once; each micro-batch of each process takes its slice (independent of process count)."""
         cfg = self.cfg
+        bucket = self._bucket_at(self.micro_step)
+        batch, shape = self.bucket_batch[bucket], self.bucket_latent[bucket]  # this step's global batch and latents
+        self.micro_global = batch // cfg.grad_accum
+        self.local = self.micro_global // self.world
         g = step_generator(cfg.seed, self.step)
-        self.noise_all = torch.randn(cfg.batch_size, *self.parts.latent_shape, generator=g)
-        self.t_all = self.objective.sample_t(cfg.batch_size, shape=self.parts.latent_shape, generator=g)
-        self.drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.class_dropout_prob
+        self.noise_all = torch.randn(batch, *shape, generator=g)
+        self.t_all = self.objective.sample_t(batch, shape=shape, generator=g)
+        self.drop_all = torch.rand(batch, generator=g) < self.recipe.model.class_dropout_prob
         # drawn after the others, so recipes without text keep their random streams
-        self.caption_drop_all = torch.rand(cfg.batch_size, generator=g) < self.recipe.model.caption_dropout_prob
+        self.caption_drop_all = torch.rand(batch, generator=g) < self.recipe.model.caption_dropout_prob
         if self.frame_masks:  # and the frame masks after those (image-to-video, extension, interpolation)
-            mix, frames, patch = self.frame_masks
-            self.frame_mask_all = draw_frame_masks(mix, cfg.batch_size, frames, patch, g)
+            mix, patch = self.frame_masks
+            self.frame_mask_all = draw_frame_masks(mix, batch, shape[1], patch, g)
 
-    def _frame_mask_mix(self, model) -> tuple[dict[str, float], int, int] | None:
-        """(the checked mix, latent frames, frames per token) when the recipe trains with frame
-        masks, else None."""
+    def _frame_mask_mix(self, model) -> tuple[dict[str, float], int] | None:
+        """(the checked mix, frames per token) when the recipe trains with frame masks, else None."""
         mix = check_frame_mask_mix(self.cfg.frame_masks)
         if not any(mix.values()):
             return None
         _, patch = model.time_axis("train.frame_masks")
-        return mix, self.parts.latent_shape[1], patch
+        return mix, patch
 
     def _loss(self, batch: dict[str, Any], n: int) -> Tensor:
         """The mean diffusion loss of this process's ``n`` items (a zero with gradients when none is readable)."""
@@ -421,6 +457,7 @@ class Trainer:
                 self.scheduler.step()
         self.micro_step += 1
         self.window.append(mean_loss)
+        self.window_samples += self.micro_global
         return mean_loss, grad_norm
 
     # ---- after an optimizer step ----------------------------------------------------------
@@ -429,14 +466,14 @@ class Trainer:
         """Mean loss, LR, samples/s (and the gradient norm) to TensorBoard and ``metrics.jsonl``."""
         elapsed = time.perf_counter() - self.tic
         logs = {"loss": sum(self.window) / len(self.window), "lr": self.scheduler.get_last_lr()[0],
-                "samples_per_s": len(self.window) * self.micro_global / max(elapsed, 1e-9)}  # fmt: skip
+                "samples_per_s": self.window_samples / max(elapsed, 1e-9)}  # fmt: skip
         if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
         self.accelerator.log(logs, step=self.step)
         self.progress.set_postfix(loss=f"{logs['loss']:.4f}")
         if self.accelerator.is_main_process:
             _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **logs})
-        self.window, self.tic = [], time.perf_counter()
+        self.window, self.window_samples, self.tic = [], 0, time.perf_counter()
 
     def save(self) -> Path:
         """``checkpoints/step_N`` (see ``ditx.checkpoint.save_training_state``)."""
@@ -516,6 +553,12 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     autoencoder first.
     """
     return Trainer(recipe, run_dir, resume=resume, overwrite=overwrite).run()
+
+
+def _counts(item_buckets, buckets) -> list[int]:
+    import numpy as np
+
+    return np.bincount(np.asarray(item_buckets, dtype=np.int64), minlength=len(buckets)).tolist()
 
 
 def _flat_hparams(recipe: Recipe) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ditx.autoencoder import Autoencoder
+from ditx.data import BucketBatchSampler
 from ditx.files import OutputExistsError
 
 if TYPE_CHECKING:
@@ -102,6 +103,10 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
             f"autoencoder_train.batch_size={cfg.batch_size}"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    item_buckets = dataset.item_buckets if getattr(dataset, "buckets", None) else None
+    if item_buckets is not None:  # data of many sizes: the held-out batch and the calibration from one bucket
+        same = int(item_buckets[order[0]])
+        order = [i for i in order if item_buckets[i] == same] + [i for i in order if item_buckets[i] != same]
     held_out, train_idx = sorted(order[:held_count]), order[held_count:]
     held_batch = {k: v.to(device) for k, v in default_collate([dataset[i] for i in held_out]).items()
                   if isinstance(v, Tensor)}  # fmt: skip
@@ -123,8 +128,12 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     progress = tqdm(total=cfg.steps, desc="train-autoencoder")
     while step < cfg.steps:
         dataset.set_epoch(epoch)
+        batching = dict(batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+        if item_buckets is not None:  # each batch from one bucket
+            batching = dict(batch_sampler=BucketBatchSampler([item_buckets[i] for i in train_idx],
+                            [cfg.batch_size] * len(dataset.buckets), 1, 0, 1, cfg.seed, epoch))  # fmt: skip
         loader = DataLoader(
-            Subset(dataset, train_idx), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            Subset(dataset, train_idx), **batching,
             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
         )  # fmt: skip
         for batch in loader:
@@ -159,7 +168,8 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
 
     # measure the trained autoencoder on the held-out batch; normalise latents to unit std
     ae.freeze()
-    training = DataLoader(Subset(dataset, sorted(train_idx[:512])), batch_size=cfg.batch_size)
+    calibration = train_idx if item_buckets is None else [i for i in train_idx if item_buckets[i] == same]
+    training = DataLoader(Subset(dataset, sorted(calibration[:512])), batch_size=cfg.batch_size)
     ae.calibrate_latents(x_held, ({k: v.to(device) for k, v in b.items() if isinstance(v, Tensor)} for b in training))
     held, recon, z = _held_out_metrics(ae, held_batch)
     metrics = {
