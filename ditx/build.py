@@ -333,6 +333,17 @@ def _resize(parts: Any, trained_data_shape: list[int] | None) -> None:
     parts.data_shape = data_shape
 
 
+def with_data_size(parts: Components, size: list[int] | tuple[int, ...]) -> Components:
+    """``parts`` (the same model) generating data of ``size`` (the data axes without channels, as
+    ``sample.data_size``), e.g. one bucket of a bucketed recipe."""
+    channels = parts.data_shape[0] if parts.data_shape else parts.latent_shape[0]
+    data_shape = (channels, *size)
+    latent_shape = tuple(parts.autoencoder.latent_shape(data_shape))
+    parts.model.x_embedder.grid_for(latent_shape[1:])  # a clear error now if the patch does not divide
+    return dataclasses.replace(parts, data_shape=data_shape, latent_shape=latent_shape, _model=parts.model,
+                               _text=parts._text)  # fmt: skip
+
+
 def _check_same_architecture(expected: torch.nn.Module, got: torch.nn.Module, path: Path) -> None:
     a = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
     b = {k: tuple(v.shape) for k, v in got.state_dict().items()}

@@ -49,7 +49,14 @@ def _labels_protocol(captions: list[str] | None, labels: Tensor | None) -> str:
 
 
 def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str | Path | None = None) -> dict:
-    """``ditx eval RUN``: compute the recipe's ``eval.metrics``; writes ``metrics.json``."""
+    """``ditx eval RUN``: compute the recipe's ``eval.metrics``; writes ``metrics.json``.
+
+    For data with buckets each bucket is evaluated apart (samples at its size against the test
+    items in it; keys ``<metric>@<bucket>``); with ``eval.first_frame`` the samples generated from
+    the test clips' first frames are scored too (``first_frame/<metric>``)."""
+    from ditx.build import with_data_size
+    from ditx.data import BucketSubset
+
     run = Path(run)
     recipe, parts, model = load_for_sampling(run, None, overrides)
     cfg = recipe.eval
@@ -60,28 +67,36 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     parts.autoencoder.to(device)
-    built = [build_metric(spec) for spec in cfg.metrics]
     reference = reference_dataset(recipe)
-    for _, metric in built:
-        metric.prepare(reference, device)
     sample_cfg = recipe.sample
     sample_cfg.seed, sample_cfg.batch_size = cfg.seed, cfg.batch_size
-    captions = labels = drawn = None
-    if parts.text_encoder is not None:  # prompts (and their items' labels) from the test split
+    if parts.text_encoder is not None:
         parts.text_encoder.to(device)
-        captions, labels, drawn = test_prompts(reference, cfg.num_samples, cfg.seed)
-    tic = time.perf_counter()
-    samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
-                                      labels=labels if parts.num_classes > 0 else None, captions=captions)  # fmt: skip
-    if captions is None:
-        labels = generated_for
-    seconds = time.perf_counter() - tic
+    buckets = getattr(reference, "buckets", None)
+    if buckets:  # each bucket apart: the model at its size, the test items in it
+        groups = [(f"@{b.name}", with_data_size(parts, b.size), BucketSubset(reference, i), b.name)
+                  for i, b in enumerate(buckets)]  # fmt: skip
+    else:
+        groups = [("", parts, reference, None)]
     results: dict[str, float] = {}
-    protocols = {}
-    for name, metric in built:
-        for key, value in metric.compute(samples, labels, captions).items():
-            results[key] = float(value)
-        protocols[name] = metric.protocol()
+    protocols, evaluated, seconds = {}, [], 0.0
+    for suffix, group_parts, group_reference, bucket in groups:
+        if len(group_reference) < 2:
+            logger.warning("bucket %s has %d test items: not evaluated", bucket, len(group_reference))
+            continue
+        built = [build_metric(spec) for spec in cfg.metrics]
+        for _, metric in built:
+            metric.prepare(group_reference, device)
+        kinds = [("", None)] + ([("first_frame/", "first_frame")] if cfg.first_frame else [])
+        for prefix, conditioning in kinds:
+            tic = time.perf_counter()
+            scored, record = _generate_and_score(group_parts, model, group_reference, built, cfg, sample_cfg,
+                                                 device, conditioning)  # fmt: skip
+            seconds += time.perf_counter() - tic
+            results.update({f"{prefix}{k}{suffix}": v for k, v in scored.items()})
+            evaluated.append({"bucket": bucket, "data_shape": list(group_parts.data_shape or []),
+                              "reference_size": len(group_reference), "conditioning": conditioning, **record})
+        protocols.update({f"{name}{suffix}": metric.protocol() for name, metric in built})
     checkpoint = parts.source
     document = {
         "run": str(run),
@@ -91,17 +106,13 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
             "checkpoint": str(checkpoint) if checkpoint else None,
             "weights": "ema" if recipe.sample.use_ema else "model",
             "num_samples": cfg.num_samples,
-            "labels": _labels_protocol(captions, labels),
             "scheduler": sample_cfg.scheduler,
             "num_steps": sample_cfg.num_steps,
             "guidance_scale": sample_cfg.guidance_scale,
             "guided_channels": sample_cfg.guided_channels,
             "seed": cfg.seed,
             "reference": {"dataset": recipe.data.name, "size": len(reference)},
-            **({} if captions is None else {"prompts": {
-                "source": f"captions of the test split's items (split {reference.split!r}): a permutation seeded "
-                          f"with eval.seed, taken in turn",
-                "negative_prompt": sample_cfg.negative_prompt, "items": drawn, "captions": captions}}),
+            **(evaluated[0] if len(evaluated) == 1 else {"evaluated": evaluated}),
             "metrics": protocols,
         },
         "sampling_seconds": round(seconds, 2),
@@ -111,3 +122,44 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     logger.info("wrote %s", out)
     return results
+
+
+def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device, conditioning):
+    """Sample ``cfg.num_samples`` for one group (the whole test split, or one bucket) and score them.
+
+    ``conditioning="first_frame"``: each sample is generated from the first frame of a test
+    clip (the clips in an order seeded by ``eval.seed``, taken in turn) and scored with its
+    label. Returns the metrics and what the protocol records of this group."""
+    from ditx.diffusion.frames import given_frames
+
+    captions = labels = drawn = frames = None
+    record: dict = {}
+    if parts.text_encoder is not None:  # prompts (and their items' labels) from the test split
+        captions, labels, drawn = test_prompts(reference, cfg.num_samples, cfg.seed)
+    if conditioning == "first_frame":
+        if drawn is None:
+            order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            drawn = [order[i % len(order)] for i in range(cfg.num_samples)]
+        items = {i: reference[i] for i in set(drawn)}
+        if parts.num_classes > 0 and labels is None:
+            labels = torch.tensor([int(items[i]["y"]) for i in drawn])
+        clips, masks = zip(*(given_frames(parts.data_shape[1], first=items[i]["x"][:, :1]) for i in drawn))
+        frames = (torch.stack(clips), torch.stack(masks))
+        record["first_frames"] = {"source": "the first frame of each test item (a permutation seeded with "
+                                            "eval.seed, taken in turn)", "items": drawn}  # fmt: skip
+    samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
+                                      labels=labels if parts.num_classes > 0 else None, captions=captions,
+                                      frames=frames)  # fmt: skip
+    if captions is None and labels is None:
+        labels = generated_for
+    record["labels"] = _labels_protocol(captions, labels) if conditioning is None else (
+        "the labels of the test items whose first frames were given")  # fmt: skip
+    if captions is not None:
+        record["prompts"] = {
+            "source": f"captions of the test split's items (split {reference.split!r}): a permutation seeded "
+                      f"with eval.seed, taken in turn",
+            "negative_prompt": sample_cfg.negative_prompt, "items": drawn, "captions": captions}  # fmt: skip
+    results: dict[str, float] = {}
+    for _, metric in built:
+        results.update({key: float(value) for key, value in metric.compute(samples, labels, captions).items()})
+    return results, record

@@ -53,9 +53,10 @@ def generate(
     ``config.batch_size``; the initial noise of the whole set comes from one generator
     seeded with ``config.seed``, so results do not depend on the batch size.
 
-    ``frames``: frame conditioning for every sample, ``(clip, mask)``: a data-space clip
-    (C, T, H, W) and a (T,) bool mask of its given frames (``ditx.diffusion.frames.given_frames``);
-    the clip is encoded once and its given latent frames stay clean while the rest is generated.
+    ``frames``: frame conditioning, ``(clip, mask)``: a data-space clip (C, T, H, W) and a (T,)
+    bool mask of its given frames (``ditx.diffusion.frames.given_frames``) for every sample,
+    encoded once; or one clip per sample, (N, C, T, H, W) with (N, T) masks, encoded batch by
+    batch. The given latent frames stay clean while the rest is generated.
     """
     config = config or parts.recipe.sample
     device = torch.device(device)
@@ -75,7 +76,11 @@ def generate(
         labels = class_labels(num, parts.num_classes)
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(num, *parts.latent_shape, generator=gen)
-    given = None if frames is None else _encode_given_frames(parts, frames, device)
+    per_sample = frames is not None and frames[0].ndim == len(parts.latent_shape) + 1
+    if per_sample and (len(frames[0]) != num or len(frames[1]) != num):
+        raise ValueError(f"per-sample given frames need one clip and mask per sample ({num}), got "
+                         f"{len(frames[0])} clips and {len(frames[1])} masks")  # fmt: skip
+    given = None if frames is None or per_sample else _encode_given_frames(parts, frames, device)
     out = []
     batches = range(0, num, config.batch_size)
     if progress:
@@ -85,6 +90,8 @@ def generate(
     for start in batches:
         stop = min(start + config.batch_size, num)
         y = None if labels is None else labels[start:stop].to(device)
+        if per_sample:
+            given = _encode_given_frames(parts, (frames[0][start:stop], frames[1][start:stop]), device)
         cond, uncond = {}, {}
         if text is not None:
             cond = text.encode(captions[start:stop]).to(device).model_kwargs(pooled)
@@ -108,19 +115,22 @@ def generate(
 
 
 def _encode_given_frames(parts: Any, frames: tuple[Tensor, Tensor], device) -> tuple[Tensor, Tensor]:
-    """(data clip (C, T, H, W), (T,) mask) -> (latents (1, C', T', h, w), (1, T') latent mask)."""
+    """(data clip (C, T, H, W), (T,) mask) -> (latents (1, C', T', h, w), (1, T') latent mask); clips
+    (B, C, T, H, W) with masks (B, T) -> (B, C', T', h, w), (B, T')."""
     from ditx.diffusion.frames import latent_frame_mask
 
     clip, mask = frames
-    if parts.data_shape is not None and tuple(clip.shape) != tuple(parts.data_shape):
-        raise ValueError(f"the given frames make a clip of {tuple(clip.shape)}, the model generates "
+    if clip.ndim == len(parts.latent_shape):  # one clip for every sample
+        clip, mask = clip[None], mask[None]
+    if parts.data_shape is not None and tuple(clip.shape[1:]) != tuple(parts.data_shape):
+        raise ValueError(f"the given frames make a clip of {tuple(clip.shape[1:])}, the model generates "
                          f"{tuple(parts.data_shape)} (C, frames, H, W)")  # fmt: skip
     with torch.no_grad():
-        z = parts.autoencoder.encode(clip[None].to(device)).float()  # (1, C', T', h, w)
+        z = parts.autoencoder.encode(clip.to(device)).float()  # (B, C', T', h, w)
     if tuple(z.shape[1:]) != tuple(parts.latent_shape):
         raise ValueError(f"the given frames encode to {tuple(z.shape[1:])}, the model's latents are "
                          f"{tuple(parts.latent_shape)}")  # fmt: skip
-    return z, latent_frame_mask(mask, z.shape[2])[None].to(device)
+    return z, latent_frame_mask(mask, z.shape[2]).to(device)
 
 
 def write_previews(

@@ -133,10 +133,16 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
+    """``ditx eval``: ``num_samples`` samples scored by ``metrics`` (per bucket for data with
+    ``data.buckets``: ``num_samples`` in each, keys ``<metric>@<bucket>``). ``first_frame``:
+    also generate from the first frames of the test split's clips (image-to-video; keys
+    ``first_frame/<metric>``), scored with those clips' labels."""
+
     metrics: list[str] = field(default_factory=list)
     num_samples: int = 1000
     batch_size: int = 100
     seed: int = 0
+    first_frame: bool = False
 
 
 @dataclass

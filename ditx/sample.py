@@ -107,11 +107,9 @@ def _given_frames(recipe, parts, first_frame, last_frame, extend, extend_frames)
     shape = parts.data_shape
     if shape is None or len(shape) != 4:
         raise ValueError(f"given frames need a video model (C, frames, H, W); this one generates {shape}")
-    if shape[2] != shape[3]:
-        raise ValueError(f"given frames are centre-cropped to square frames; this model generates "
-                         f"{shape[2]}x{shape[3]}")  # fmt: skip
     read = readers.get(recipe.modality)  # an unknown modality: an error listing the readers
-    first = None if first_frame is None else read(first_frame, 1, shape[2])
-    last = None if last_frame is None else read(last_frame, 1, shape[2])
-    start = None if extend is None else read(extend, extend_frames, shape[2])
+    size = tuple(shape[2:])  # (height, width): the given frames are resized to cover it, centre-cropped
+    first = None if first_frame is None else read(first_frame, 1, size)
+    last = None if last_frame is None else read(last_frame, 1, size)
+    start = None if extend is None else read(extend, extend_frames, size)
     return given_frames(shape[1], first=first, last=last, start=start)
