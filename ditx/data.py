@@ -549,8 +549,10 @@ def assign_buckets(
         candidates = list(range(len(buckets)))
         if length_fits is not None:
             fitting = [b for b in candidates if length_fits(native[0], buckets[b].size[0])]
-            # too short for every bucket: the shortest, where the dataset's short policy applies
-            candidates = fitting or [min(candidates, key=lambda b: buckets[b].size[0])]
+            # too short for every bucket: the shortest ones (then the nearest aspect ratio among
+            # them), where the dataset's short policy applies
+            shortest = min(buckets[b].size[0] for b in candidates)
+            candidates = fitting or [b for b in candidates if buckets[b].size[0] == shortest]
         distance = np.abs(aspects[candidates] - np.log(native[-1] / native[-2]))
         nearest = [b for b, d in zip(candidates, distance) if d <= distance.min() + 1e-9]
         nearest.sort(key=lambda b: (-buckets[b].size[0], -int(np.prod(buckets[b].size))))
