@@ -26,9 +26,12 @@ def class_labels(num: int, num_classes: int, device: torch.device | str = "cpu")
 
 
 def autocast_for(recipe: Recipe, device: torch.device):
-    if recipe.train.mixed_precision == "bf16":
+    from ditx.precision import resolve_precision
+
+    precision = resolve_precision(recipe.train.mixed_precision, device)
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if recipe.train.mixed_precision == "fp16" and device.type == "cuda":
+    if precision == "fp16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 

@@ -97,7 +97,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: ditx.precision
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at step k; DiT's paper: false
     checkpoint_every: int = 1000
@@ -136,7 +136,8 @@ class EvalConfig:
     """``ditx eval``: ``num_samples`` samples scored by ``metrics`` (per bucket for data with
     ``data.buckets``: ``num_samples`` in each, keys ``<metric>@<bucket>``). ``first_frame``:
     also generate from the first frames of the test split's clips (image-to-video; keys
-    ``first_frame/<metric>``), scored with those clips' labels."""
+    ``first_frame/<metric>``), for the null class (the frame is the only condition) and scored
+    with those clips' labels: does the given digit carry through the clip."""
 
     metrics: list[str] = field(default_factory=list)
     num_samples: int = 1000
@@ -163,7 +164,7 @@ class AutoencoderTrainConfig:
     batch_size: int = 32
     lr: float = 1.0e-3
     kl_weight: float = 1.0e-6
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: ditx.precision
     seed: int = 0
     out: str | None = None
     log_every: int = 50

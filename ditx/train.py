@@ -27,6 +27,7 @@ from ditx.build import build_components
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
+from ditx.precision import resolve_precision
 from ditx.recipe import Recipe
 
 logger = logging.getLogger("ditx.train")
@@ -189,11 +190,12 @@ class Trainer:
         if resume and overwrite:
             raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+            raise ValueError("train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16', 'auto' or 'no'")
         self.recipe, self.cfg, self.resume = recipe, cfg, resume
+        self.precision = resolve_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # CPU-only: several processes talk through gloo
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=self.precision,
             gradient_accumulation_steps=cfg.grad_accum,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=".", logging_dir="."),

@@ -15,6 +15,7 @@ from torch import Tensor
 from ditx.autoencoder import Autoencoder
 from ditx.data import BucketBatchSampler
 from ditx.files import OutputExistsError
+from ditx.precision import resolve_precision
 
 if TYPE_CHECKING:
     from ditx.recipe import Recipe
@@ -82,7 +83,9 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError("autoencoder_train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+        raise ValueError("autoencoder_train.mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16', 'auto' or "
+                         "'no'")  # fmt: skip
+    precision = resolve_precision(cfg.mixed_precision, device, "autoencoder_train.mixed_precision")
     write_preview = writer_for(recipe.modality)  # an unknown modality fails now, not after training
 
     torch.manual_seed(cfg.seed)  # initialisation of an untrained autoencoder
@@ -118,8 +121,8 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     ae.trainable()
     params = [p for p in ae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     noise = torch.Generator(device).manual_seed(cfg.seed + 1)  # posterior samples
 
     log: list[dict[str, float]] = []
@@ -130,8 +133,14 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         dataset.set_epoch(epoch)
         batching = dict(batch_size=cfg.batch_size, shuffle=True, drop_last=True)
         if item_buckets is not None:  # each batch from one bucket
-            batching = dict(batch_sampler=BucketBatchSampler([item_buckets[i] for i in train_idx],
-                            [cfg.batch_size] * len(dataset.buckets), 1, 0, 1, cfg.seed, epoch))  # fmt: skip
+            sampler = BucketBatchSampler([item_buckets[i] for i in train_idx], [cfg.batch_size] * len(dataset.buckets),
+                                         1, 0, 1, cfg.seed, epoch)  # fmt: skip
+            if len(sampler) == 0:
+                counts = {b.name: sum(1 for i in train_idx if item_buckets[i] == k)
+                          for k, b in enumerate(dataset.buckets)}  # fmt: skip
+                raise ValueError(f"no bucket holds a batch of autoencoder_train.batch_size={cfg.batch_size} clips "
+                                 f"(training clips per bucket: {counts}); lower the batch size")  # fmt: skip
+            batching = dict(batch_sampler=sampler)
         loader = DataLoader(
             Subset(dataset, train_idx), **batching,
             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
@@ -182,6 +191,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         "data": recipe.data.to_dict(),
         "autoencoder_train": {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "kl_weight",
                                                            "mixed_precision", "seed")},
+        "precision": precision,  # what mixed_precision (auto) resolved to on this machine
         "recipe": recipe.name or recipe.source,
     }  # fmt: skip
     k = min(8, len(held_out))

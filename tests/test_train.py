@@ -107,6 +107,32 @@ def test_bf16_mixed_precision_runs_the_matmuls_in_bf16_on_cpu(tiny_recipe, tmp_p
     assert all(v.dtype == torch.float32 for v in final_weights(run).values())  # master weights stay fp32
 
 
+@pytest.mark.parametrize("bf16_gflops, expected", [(0.3, torch.float32), (500.0, torch.bfloat16)])
+def test_auto_mixed_precision_takes_bf16_only_where_its_matmuls_are_fast(tiny_recipe, tmp_path, monkeypatch,
+                                                                         bf16_gflops, expected):  # fmt: skip
+    from ditx import precision
+
+    # an AVX2-only CPU (bf16 emulated: 0.3 GFLOP/s, measured on one) and an AMX one
+    monkeypatch.setattr(precision, "cpu_matmul_speeds", lambda: {"fp32": 150.0, "bf16": bf16_gflops})
+    seen = _linear_output_dtypes(tiny_recipe(train={"steps": 2, "mixed_precision": "auto"}), tmp_path / "auto")
+    assert seen == {expected}
+
+
+def test_resolve_precision_measures_and_warns_about_slow_bf16(monkeypatch, caplog):
+    from ditx import precision
+
+    speeds = precision.cpu_matmul_speeds()  # the real measurement: both types ran
+    assert speeds["fp32"] > 0 and speeds["bf16"] > 0
+    assert precision.resolve_precision("auto", "cpu") == ("bf16" if speeds["bf16"] >= speeds["fp32"] else "no")
+    monkeypatch.setattr(precision, "cpu_matmul_speeds", lambda: {"fp32": 150.0, "bf16": 0.3})
+    with caplog.at_level("WARNING", logger="ditx.precision"):
+        assert precision.resolve_precision("bf16", "cpu") == "bf16"  # asked for explicitly: kept, with a warning
+    assert "0.30 GFLOP/s against fp32's 150.0" in caplog.text and "auto picks fp32" in caplog.text
+    assert precision.resolve_precision("no", "cpu") == "no"
+    with pytest.raises(ValueError, match=r"train.mixed_precision must be one of no, bf16, fp16, auto, got 'fp8'"):
+        precision.resolve_precision("fp8", "cpu")
+
+
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
