@@ -366,9 +366,12 @@ class VideoFolderDataset(Dataset):
         if self._captions is not None:
             key["captions"] = captions_fingerprint(self._captions)
         if self.buckets is not None:  # the seed fixes which bucket each video lands in
-            key.update(buckets=[b.to_dict() for b in self.buckets], seed=self.seed,
-                       crop="cover-bilinear-antialias-center",
-                       item_buckets=hashlib.sha256(self.item_buckets.astype("<i8").tobytes()).hexdigest())
+            key.update(
+                buckets=[b.to_dict() for b in self.buckets],
+                seed=self.seed,
+                crop="cover-bilinear-antialias-center",
+                item_buckets=hashlib.sha256(self.item_buckets.astype("<i8").tobytes()).hexdigest(),
+            )
         return key
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -185,6 +185,7 @@ def write_video_samples(
 # Given frames (image-to-video, extension, interpolation)
 # --------------------------------------------------------------------------------------
 
+
 def read_given_frames(path: str | Path, num_frames: int, size: int | tuple[int, int]) -> Tensor:
     """(3, num_frames, height, width) in [-1, 1]: an image (one frame) or a clip's first ``num_frames``
     frames (decord), resized to cover ``size`` (an int: a square; else (height, width)) with the

@@ -4,6 +4,7 @@ a class-folder tree and read back through decord like any folder of clips."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -88,42 +89,47 @@ def _bounce(rng: np.random.Generator, num_frames: int, room: float) -> np.ndarra
     return np.where(folded > room, 2 * room - folded, folded)
 
 
-def _trajectory(motion: str, rng: np.random.Generator, num_frames: int, room: float) -> np.ndarray:
-    """(T, 2) top-left corners (y, x) in [0, room]² of a digit following ``motion``."""
+def _trajectory(motion: str, rng: np.random.Generator, num_frames: int, room: tuple[float, float]) -> np.ndarray:
+    """(T, 2) top-left corners (y, x) in [0, room_y] x [0, room_x] of a digit following ``motion``."""
+    ry, rx = room
     if motion == "horizontal":
-        return np.stack([np.full(num_frames, rng.uniform(0, room)), _bounce(rng, num_frames, room)], axis=1)
+        return np.stack([np.full(num_frames, rng.uniform(0, ry)), _bounce(rng, num_frames, rx)], axis=1)
     if motion == "vertical":
-        return np.stack([_bounce(rng, num_frames, room), np.full(num_frames, rng.uniform(0, room))], axis=1)
+        return np.stack([_bounce(rng, num_frames, ry), np.full(num_frames, rng.uniform(0, rx))], axis=1)
     if motion == "diagonal":
-        return np.stack([_bounce(rng, num_frames, room), _bounce(rng, num_frames, room)], axis=1)
-    # circle around the centre; a quarter to half a turn: the chord is at least 0.35 of room
-    radius = rng.uniform(0.25, 0.45) * room
+        return np.stack([_bounce(rng, num_frames, ry), _bounce(rng, num_frames, rx)], axis=1)
+    # circle around the centre; a quarter to half a turn: the chord is at least 0.35 of the shorter room
+    radius = rng.uniform(0.25, 0.45) * min(ry, rx)
     angle = rng.uniform(0, 2 * np.pi) + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0) * np.pi * np.linspace(
         0, 1, num_frames
     )
-    return room / 2 + radius * np.stack([np.sin(angle), np.cos(angle)], axis=1)
+    return np.array([ry / 2, rx / 2]) + radius * np.stack([np.sin(angle), np.cos(angle)], axis=1)
 
 
 def render_moving_digits(
     num_clips: int,
     num_frames: int = 8,
-    size: int = 32,
+    size: int | tuple[int, int] = 32,
     digit_size: int = 14,
     split: str = "train",
     seed: int = 0,
     exclude: set[tuple[int, str]] | None = None,
+    stream: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Clips of one handwritten digit moving on a black canvas.
 
-    Returns ``(clips, labels, motions)``: uint8 ``(N, T, size, size)`` grey clips, int64
+    Returns ``(clips, labels, motions)``: uint8 ``(N, T, H, W)`` grey clips (``size`` is
+    ``H = W`` or ``(H, W)``), int64
     ``(N,)`` labels (the digit, 0-9, balanced to within one clip per class) and each
     clip's motion (``MOTIONS``: a horizontal, vertical or diagonal bounce, or an arc of a
     circle), drawn at random. The digits are scikit-learn's, from ``DigitsDataset``'s
     fixed stratified 80/20 ``split`` (so test clips show digits never seen in training),
     resized to ``digit_size``. Each clip moves its digit by at least 0.2 of the free room
-    ``size - digit_size`` between the first and last frame (3.6 pixels at the defaults;
+    ``min(H, W) - digit_size`` between the first and last frame (3.6 pixels at the defaults;
     about 9 on average). The same arguments always give the same clips. ``exclude``:
     (digit, motion) pairs never drawn (a digit's motion is then drawn among the others).
+    ``stream`` > 0 draws another set of clips from the same seed (a group of clips of
+    another shape, see ``write_moving_digits``'s ``clip_shapes``).
     """
     from ditx.modalities.image.data import DigitsDataset
     from ditx.modalities.image.io import images_to_uint8
@@ -132,22 +138,23 @@ def render_moving_digits(
         raise ValueError(f"moving-digits num_clips must be a positive integer, got {num_clips!r}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
         raise ValueError(f"moving-digits num_frames must be an integer >= 2 (a clip must move), got {num_frames!r}")
-    if not isinstance(digit_size, int) or digit_size < 8 or size - digit_size < 10:
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if not isinstance(digit_size, int) or digit_size < 8 or min(height, width) - digit_size < 10:
         raise ValueError(
-            f"moving-digits needs digit_size >= 8 and at least 10 pixels of room (size - digit_size >= 10), "
-            f"got size {size!r} and digit_size {digit_size!r}"
+            f"moving-digits needs digit_size >= 8 and at least 10 pixels of room (min(height, width) - digit_size "
+            f">= 10), got size {size!r} and digit_size {digit_size!r}"
         )
     if split not in _SPLIT_STREAM:
         raise ValueError(f"moving-digits split must be one of {', '.join(_SPLIT_STREAM)}, got {split!r}")
     digits = DigitsDataset(size=digit_size, channels=1, split=split)
     pool = images_to_uint8(digits.images)[:, 0].numpy()  # (M, d, d) uint8, digit white on black
     pool_labels = digits.labels.numpy()
-    rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
+    rng = np.random.default_rng([seed, _SPLIT_STREAM[split]] + ([stream] if stream else []))
     labels = rng.permutation(np.arange(num_clips) % 10).astype(np.int64)
     order = {c: rng.permutation(np.flatnonzero(pool_labels == c)) for c in range(10)}  # each class's images, cycled
     used = dict.fromkeys(range(10), 0)
-    room = size - digit_size
-    clips = np.zeros((num_clips, num_frames, size, size), dtype=np.uint8)
+    room = (height - digit_size, width - digit_size)
+    clips = np.zeros((num_clips, num_frames, height, width), dtype=np.uint8)
     motions = []
     for i, label in enumerate(labels.tolist()):
         digit = pool[order[label][used[label] % len(order[label])]]
@@ -158,7 +165,7 @@ def render_moving_digits(
             if not allowed:
                 raise ValueError(f"moving-digits: every motion of digit {label} is excluded")
             motion = allowed[int(rng.integers(len(allowed)))]
-        corners = np.clip(np.rint(_trajectory(motion, rng, num_frames, room)), 0, room).astype(int)  # (T, 2)
+        corners = np.clip(np.rint(_trajectory(motion, rng, num_frames, room)), 0, room).astype(int)  # (T, 2) y, x
         for t, (y, x) in enumerate(corners):
             clips[i, t, y : y + digit_size, x : x + digit_size] = digit
         motions.append(motion)
@@ -179,6 +186,40 @@ def _settings_differ(marker: Path, settings: dict) -> str | None:
     return "it was generated with " + "; ".join(diff)
 
 
+def _check_clip_shapes(clip_shapes) -> list[tuple[int, int, int]] | None:
+    if clip_shapes is None:
+        return None
+    ok = isinstance(clip_shapes, (list, tuple)) and len(clip_shapes) > 0
+    shapes = []
+    for shape in clip_shapes if ok else ():
+        if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape)):  # fmt: skip
+            ok = False
+            break
+        shapes.append(tuple(shape))
+    if not ok or shapes[0][0] < 2 or any(s[0] < 2 for s in shapes):
+        raise ValueError(f"moving-digits clip_shapes must be a non-empty list of [frames >= 2, height, width], "
+                         f"got {clip_shapes!r}")  # fmt: skip
+    return shapes
+
+
+def _render_split(n, num_frames, size, digit_size, split, seed, exclude, shapes):
+    """A split's clips (a list when of many shapes), labels and motions; see ``write_moving_digits``."""
+    if shapes is None:
+        return render_moving_digits(n, num_frames, size, digit_size, split, seed, exclude=exclude)
+    clips: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    labels, motions = np.zeros(n, dtype=np.int64), [""] * n
+    for g, (frames, height, width) in enumerate(shapes):
+        members = list(range(g, n, len(shapes)))
+        if not members:
+            continue
+        group = render_moving_digits(len(members), frames, (height, width), digit_size, split, seed,
+                                     exclude=exclude, stream=g + 1)  # fmt: skip
+        for k, i in enumerate(members):
+            clips[i], labels[i], motions[i] = group[0][k], group[1][k], group[2][k]
+    return clips, labels, motions
+
+
 def write_moving_digits(
     root: str | Path,
     num_clips_per_split: dict[str, int] | None = None,
@@ -189,6 +230,7 @@ def write_moving_digits(
     digit_size: int | None = None,
     captions: bool = False,
     held_out: list[str] | tuple[str, ...] = (),
+    clip_shapes: list[list[int]] | None = None,
 ) -> Path:
     """Write moving digits as MP4 files, ``root/<split>/<digit>/clip_<index:05d>.mp4``; returns ``root``.
 
@@ -202,18 +244,27 @@ def write_moving_digits(
     With ``captions``, each clip gets a caption beside it (``clip_<index>.txt``, see
     ``caption_for``), and the train split leaves out the ``held_out`` (digit, motion) pairs
     (``"0 circle"``, ...); the test split has every pair.
+
+    ``clip_shapes`` (``[[frames, height, width], ...]``) writes clips of many shapes, as a
+    folder of real videos has: clip ``i`` of a split has shape ``clip_shapes[i % n]``, and
+    each shape's group is drawn apart (``render_moving_digits``'s ``stream``), its digits
+    balanced; ``num_frames`` and ``size`` are then unused and ``digit_size`` defaults to
+    7/16 of the smallest side.
     """
     from ditx.modalities.video.io import write_video
 
     counts = dict(num_clips_per_split or {"train": 1500, "test": 300})
+    shapes = _check_clip_shapes(clip_shapes)
     if digit_size is None:
-        digit_size = size * 7 // 16
+        digit_size = (size if shapes is None else min(min(s[1:]) for s in shapes)) * 7 // 16
     settings = {
         "format": "ditx-moving-digits", "version": 1, "num_clips_per_split": dict(sorted(counts.items())),
         "num_frames": num_frames, "size": size, "digit_size": digit_size, "fps": fps, "seed": seed,
     }  # fmt: skip
     if captions:  # only then, so folders written without captions keep their settings
         settings.update(captions=True, held_out=sorted(f"{d} {m}" for d, m in parse_pairs(held_out)))
+    if shapes is not None:  # only then, so folders of one shape keep their settings
+        settings["clip_shapes"] = [list(s) for s in shapes]
     exclude = parse_pairs(held_out) if captions else set()
     root = Path(root).expanduser().absolute()
     complete, started = root / ".complete", root / ".generating"
@@ -231,8 +282,8 @@ def write_moving_digits(
         tmp.write_text(json.dumps(settings, indent=1))
     tic, written = time.perf_counter(), 0
     for split, n in sorted(counts.items()):
-        clips, labels, motions = render_moving_digits(n, num_frames, size, digit_size, split, seed,
-                                                      exclude=exclude if split == "train" else None)  # fmt: skip
+        clips, labels, motions = _render_split(n, num_frames, size, digit_size, split, seed,
+                                               exclude if split == "train" else None, shapes)  # fmt: skip
         paths = [root / split / str(int(y)) / f"clip_{i:05d}.mp4" for i, y in enumerate(labels)]
         if captions:  # written before the clips: a clip on disk always has its caption
             rng = np.random.default_rng([seed, _SPLIT_STREAM[split], 7])
@@ -266,6 +317,11 @@ class MovingDigitsDataset(VideoFolderDataset):
     ``data_seed``. Then it is a ``VideoFolderDataset`` over ``root/<split>`` (10 classes:
     the digit). ``seed`` is the augmentation seed (flips, temporal crops; the recipe's
     ``train.seed``), apart from ``data_seed`` so the data on disk does not change with it.
+
+    ``clip_shapes`` (``[[frames, height, width], ...]``) writes clips of those shapes in
+    turn (``write_moving_digits``; default root ``moving-digits-mixed-<hash of the
+    shapes>``), and ``buckets`` (``data.buckets``, see ``VideoFolderDataset``) trains on
+    them at their own aspect ratios and lengths: the tiny bucketed recipe's data.
     """
 
     registered_name = "moving-digits"
@@ -286,6 +342,8 @@ class MovingDigitsDataset(VideoFolderDataset):
         cache_dir: str | None = None,
         image_frames: int = 0,
         augment: bool = True,
+        clip_shapes: list[list[int]] | None = None,
+        buckets: list[dict] | None = None,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"moving-digits split must be 'train' or 'test', got {split!r}")
@@ -295,17 +353,23 @@ class MovingDigitsDataset(VideoFolderDataset):
         for arg, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("size", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"moving-digits {arg} must be a positive integer, got {value!r}")
-        folder = Path(root).expanduser() if root is not None else ditx_cache_dir(self.registered_name)
+        name = self.registered_name
+        if clip_shapes is not None:  # its own folder: a folder of one shape stays as it is
+            shapes = json.dumps([list(s) for s in clip_shapes])
+            name = f"{name}-mixed-{hashlib.sha256(shapes.encode()).hexdigest()[:8]}"
+        folder = Path(root).expanduser() if root is not None else ditx_cache_dir(name)
         self.data_settings = {
             "num_clips_per_split": {"train": num_clips_train, "test": num_clips_test},
             "num_frames": max(2, clip_span(num_frames, frame_stride)), "size": size, "seed": data_seed,
         }  # fmt: skip
+        if clip_shapes is not None:
+            self.data_settings["clip_shapes"] = clip_shapes
         self.data_settings.update(self._caption_settings())
         write_moving_digits(folder, **self.data_settings)
         super().__init__(
             str(folder / split), num_frames=num_frames, frame_stride=frame_stride, size=size, flip=flip,
             short_policy="loop", split=split, seed=seed, class_folders=True, extensions=("mp4",), cache_dir=cache_dir,
-            image_frames=image_frames, augment=augment,
+            image_frames=image_frames, augment=augment, buckets=buckets,
         )  # fmt: skip
         if self.classes != [str(d) for d in range(10)]:
             raise ValueError(

@@ -281,8 +281,9 @@ class MovingDigitsMetric(Metric):
         #  "reference_shape_consistency", "motion_tv", "motion_histogram_<type>",
         #  "reference_motion_histogram_<type>" for each type of MOTIONS, "motion_accuracy"}
 
-    Samples must have the reference clips' shape ``(C, T, H, W)`` (C = 1 or 3, square
-    frames); the classifiers are trained for clips of that size. ``frame_accuracy`` needs
+    Samples must have the reference clips' shape ``(C, T, H, W)`` (C = 1 or 3); the frame
+    classifier is trained for digits of 7/16 of the shorter side (the data's default), the
+    motion classifier for square canvases (its keys are left out for others). ``frame_accuracy`` needs
     ``labels``; ``classifier_reference_accuracy`` needs a labelled reference;
     ``motion_accuracy`` needs ``motions`` (the motion each sample was prompted with). The
     motion-type keys need clips of at least ``MIN_MOTION_FRAMES`` (4) frames and are left
@@ -330,14 +331,12 @@ class MovingDigitsMetric(Metric):
             raise ValueError("the moving-digits metric needs a reference dataset of clips (the test split)")
         clips, labels = _dataset_clips(reference)
         _check_clips("the moving-digits metric's reference clips", clips, min_frames=2)
-        if clips.shape[-1] != clips.shape[-2] or len(clips) < 2:
-            raise ValueError(
-                f"the moving-digits metric needs at least 2 reference clips with square frames, got shape "
-                f"{tuple(clips.shape)}"
-            )
+        if len(clips) < 2:
+            raise ValueError(f"the moving-digits metric needs at least 2 reference clips, got {tuple(clips.shape)}")
         self.device = torch.device(device)
+        side = min(clips.shape[-2:])  # the digits are 7/16 of the shorter side (write_moving_digits)
         self.classifier = load_or_train_moving_digits_classifier(
-            size=clips.shape[-1], digit_size=self.digit_size, cache_dir=self.cache_dir, device=self.device,
+            size=side, digit_size=self.digit_size, cache_dir=self.cache_dir, device=self.device,
             num_frames=self.classifier_frames, num_clips=self.classifier_clips, data_seed=self.data_seed,
             seed=self.classifier_seed, epochs=self.classifier_epochs,
         )  # fmt: skip
@@ -348,7 +347,7 @@ class MovingDigitsMetric(Metric):
         self.reference_motion_px = float(clip_motion_px(clips).mean())
         self.reference_shape_consistency = float(shape_consistency(clips).mean())
         self.motion_classifier, self.reference_motion_histogram = None, None
-        if clips.shape[2] >= MIN_MOTION_FRAMES:
+        if clips.shape[2] >= MIN_MOTION_FRAMES and clips.shape[-1] == clips.shape[-2]:  # trained on square canvases
             self.motion_classifier = load_or_train_motion_classifier(
                 size=clips.shape[-1], digit_size=self.digit_size, cache_dir=self.cache_dir, device=self.device,
                 num_frames=clips.shape[2], data_seed=self.data_seed, seed=self.classifier_seed,
@@ -408,8 +407,8 @@ class MovingDigitsMetric(Metric):
             )
         if self.motion_classifier is None:
             raise ValueError(
-                f"motion_accuracy needs clips of at least {MIN_MOTION_FRAMES} frames, the reference has "
-                f"{self.reference_clip_shape[1]}"
+                f"motion_accuracy needs square clips of at least {MIN_MOTION_FRAMES} frames, the reference has "
+                f"{'x'.join(map(str, self.reference_clip_shape[1:]))}"
             )
 
     def compute(
@@ -485,8 +484,9 @@ class MovingDigitsMetric(Metric):
         return {
             "name": "MotionClassifier (MLP on the intensity-centroid trajectory)",
             "used": motion is not None,
-            "why_not": None if motion is not None or shape is None else f"clips of {shape[1]} frames, fewer than "
-            f"{MIN_MOTION_FRAMES}",
+            "why_not": None if motion is not None or shape is None else (
+                f"clips of {shape[1]} frames, fewer than {MIN_MOTION_FRAMES}" if shape[1] < MIN_MOTION_FRAMES
+                else f"frames of {shape[2]}x{shape[3]}: it is trained on square canvases"),
             "settings": None if motion is None else motion.settings,
             "settings_hash": None if motion is None else motion.settings_hash,
             "weights_sha256": None if motion is None else motion.weights_sha256,
