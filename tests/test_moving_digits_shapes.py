@@ -83,6 +83,15 @@ def test_clip_shapes_write_each_shape_in_turn_and_bucketed_items_keep_them(tmp_p
         assert tuple(data[i]["x"].shape) == (3, *written)
 
 
+def test_small_groups_of_shapes_together_hold_every_digit_each_balanced():
+    shapes = [[8, 32, 32], [12, 32, 32], [8, 32, 48], [12, 32, 48]]
+    clips, labels, _ = MD._render_split(16, 8, 32, 14, "train", 0, set(), shapes)  # 4 clips per shape
+    assert sorted(set(labels.tolist())) == list(range(10))  # a folder of class folders 0 to 9
+    for g, shape in enumerate(shapes):
+        group = labels[g::4]
+        assert len(set(group.tolist())) == 4 and all(c.shape == tuple(shape) for c in clips[g::4])
+
+
 def clip_index(data, i) -> int:
     """The clip index in the file name of item ``i`` (clip_<index>.mp4)."""
     return int(str(data.path(i)).rsplit("clip_", 1)[1].split(".")[0])

@@ -115,6 +115,7 @@ def render_moving_digits(
     seed: int = 0,
     exclude: set[tuple[int, str]] | None = None,
     stream: int = 0,
+    first_label: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Clips of one handwritten digit moving on a black canvas.
 
@@ -129,7 +130,8 @@ def render_moving_digits(
     about 9 on average). The same arguments always give the same clips. ``exclude``:
     (digit, motion) pairs never drawn (a digit's motion is then drawn among the others).
     ``stream`` > 0 draws another set of clips from the same seed (a group of clips of
-    another shape, see ``write_moving_digits``'s ``clip_shapes``).
+    another shape, see ``write_moving_digits``'s ``clip_shapes``); ``first_label`` starts the
+    balanced cycle of labels at that digit (so small groups together still hold every digit).
     """
     from ditx.modalities.image.data import DigitsDataset
     from ditx.modalities.image.io import images_to_uint8
@@ -150,7 +152,7 @@ def render_moving_digits(
     pool = images_to_uint8(digits.images)[:, 0].numpy()  # (M, d, d) uint8, digit white on black
     pool_labels = digits.labels.numpy()
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]] + ([stream] if stream else []))
-    labels = rng.permutation(np.arange(num_clips) % 10).astype(np.int64)
+    labels = rng.permutation((np.arange(num_clips) + first_label) % 10).astype(np.int64)
     order = {c: rng.permutation(np.flatnonzero(pool_labels == c)) for c in range(10)}  # each class's images, cycled
     used = dict.fromkeys(range(10), 0)
     room = (height - digit_size, width - digit_size)
@@ -209,12 +211,14 @@ def _render_split(n, num_frames, size, digit_size, split, seed, exclude, shapes)
         return render_moving_digits(n, num_frames, size, digit_size, split, seed, exclude=exclude)
     clips: list[np.ndarray] = [None] * n  # type: ignore[list-item]
     labels, motions = np.zeros(n, dtype=np.int64), [""] * n
+    done = 0  # clips of the earlier groups: each group's labels continue the cycle, so all of them hold every digit
     for g, (frames, height, width) in enumerate(shapes):
         members = list(range(g, n, len(shapes)))
         if not members:
             continue
         group = render_moving_digits(len(members), frames, (height, width), digit_size, split, seed,
-                                     exclude=exclude, stream=g + 1)  # fmt: skip
+                                     exclude=exclude, stream=g + 1, first_label=done % 10)  # fmt: skip
+        done += len(members)
         for k, i in enumerate(members):
             clips[i], labels[i], motions[i] = group[0][k], group[1][k], group[2][k]
     return clips, labels, motions
