@@ -8,6 +8,7 @@ description (feature extractor, its checksum, reference size).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -129,10 +130,11 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
 
     ``conditioning="first_frame"``: each sample is generated from the first frame of a test
     clip (the clips in an order seeded by ``eval.seed``, taken in turn) and scored with its
-    label. Returns the metrics and what the protocol records of this group."""
+    label; a class-conditional model (with a null class) generates them for the null class,
+    so the digit kept is the given frame's doing. Returns the metrics and what the protocol records of this group."""
     from ditx.diffusion.frames import given_frames
 
-    captions = labels = drawn = frames = None
+    captions = labels = drawn = frames = asked = None
     record: dict = {}
     if parts.text_encoder is not None:  # prompts (and their items' labels) from the test split
         captions, labels, drawn = test_prompts(reference, cfg.num_samples, cfg.seed)
@@ -143,13 +145,17 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
         items = {i: reference[i] for i in set(drawn)}
         if parts.num_classes > 0 and labels is None:
             labels = torch.tensor([int(items[i]["y"]) for i in drawn])
+            if model.null_class is not None:  # the given frame is the only condition: its digit must carry over
+                asked = torch.full_like(labels, model.null_class)
+                sample_cfg = dataclasses.replace(sample_cfg, guidance_scale=1.0)
+                record["classes"] = "the null class (guidance 1): the given frame is the only condition"
         clips, masks = zip(*(given_frames(parts.data_shape[1], first=items[i]["x"][:, :1]) for i in drawn))
         frames = (torch.stack(clips), torch.stack(masks))
         record["first_frames"] = {"source": "the first frame of each test item (a permutation seeded with "
                                             "eval.seed, taken in turn)", "items": drawn}  # fmt: skip
     samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
-                                      labels=labels if parts.num_classes > 0 else None, captions=captions,
-                                      frames=frames)  # fmt: skip
+                                      labels=asked if asked is not None else labels if parts.num_classes > 0 else None,
+                                      captions=captions, frames=frames)  # fmt: skip
     if captions is None and labels is None:
         labels = generated_for
     record["labels"] = _labels_protocol(captions, labels) if conditioning is None else (

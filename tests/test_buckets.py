@@ -357,7 +357,7 @@ def _bucket_recipe(clips, tmp_path, buckets, train=None, **sections):
     train = {"steps": 8, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4, "log_every": 1, "mixed_precision": "no",
              "output_dir": str(tmp_path / "runs"), "seed": 1, **(train or {})}  # fmt: skip
     model = {"depth": 2, "hidden_size": 32, "num_heads": 2, "layout": "spatial-temporal"}
-    sample = {"scheduler": "flow-euler", "num_steps": 2, "num_samples": 2, "batch_size": 2}
+    sample = {"scheduler": "flow-euler", "num_steps": 2, "num_samples": 2, "batch_size": 2, **sections.pop("sample", {})}
     tokenizer = sections.pop("tokenizer", {"name": "tubelet", "patch_size": [2, 4, 4]})
     return tiny(tmp_path, "video", data, tokenizer, model=model, train=train, sample=sample, **sections)
 
@@ -499,6 +499,66 @@ def test_eval_scores_each_bucket_apart(clips, tmp_path):
         assert samples == (2, 3, *size) and reference == {(3, *size)} and data_shape == (3, *size)
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["bucket"] for e in doc["protocol"]["evaluated"]] == ["8x16x24", "4x24x16", "4x16x16"]
+
+
+
+class _WhatWasGiven(_WhatWasJudged):
+    """Keeps the samples and labels it was asked to score."""
+
+    name = "test-what-was-given"
+
+    def compute(self, samples, labels=None, captions=None):
+        self.judged.append((self.reference, samples.clone(), None if labels is None else labels.clone()))
+        return {"items": float(len(self.reference))}
+
+
+def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_with_its_label(
+        clips, tmp_path, monkeypatch):  # fmt: skip
+    from ditx import evaluate as evaluate_module
+    from ditx.evaluate import evaluate_run
+    from ditx.registry import metrics
+    from ditx.train import train
+
+    asked, generate = [], evaluate_module.generate
+
+    def recording_generate(*args, **kwargs):
+        asked.append((kwargs.get("labels"), kwargs["config"].guidance_scale, kwargs.get("frames") is not None))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", recording_generate)
+    judge = _WhatWasGiven
+    judge.judged = []
+    metrics.register(judge.name, judge, replace=True)
+    buckets = TRAIN_BUCKETS[:2]
+    try:
+        recipe = _bucket_recipe(clips, tmp_path, buckets, train={"steps": 1, "checkpoint_every": 1},
+                                eval={"metrics": [judge.name], "num_samples": 3, "batch_size": 3, "first_frame": True},
+                                sample={"scheduler": "flow-euler", "num_steps": 2, "guidance_scale": 4.0},
+                                tokenizer={"name": "tubelet", "patch_size": [1, 4, 4]})  # a frame alone can be given
+        results = evaluate_run(train(recipe, run_dir=tmp_path / "run"))
+    finally:
+        metrics.unregister(judge.name)
+    assert set(results) == {f"{p}items@{b}" for p in ("", "first_frame/") for b in ("8x16x24", "4x24x16")}
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    evaluated = doc["protocol"]["evaluated"]
+    assert [(e["bucket"], e["conditioning"]) for e in evaluated] == [
+        ("8x16x24", None), ("8x16x24", "first_frame"), ("4x24x16", None), ("4x24x16", "first_frame")]  # fmt: skip
+    # plain samples: the classes, guided; first-frame ones: the null class, unguided, with frames
+    null = {2}  # the clips folder has 2 classes, the null class is the next index
+    for (labels, guidance, framed), e in zip(asked, evaluated):
+        if e["conditioning"] is None:
+            assert (guidance, framed) == (4.0, False) and labels is None  # generate draws the classes itself
+        else:
+            assert (guidance, framed) == (1.0, True) and set(labels.tolist()) == null
+    for (reference, samples, labels), e in zip(judge.judged, evaluated):
+        if e["conditioning"] is None:
+            continue
+        items = e["first_frames"]["items"]
+        assert len(items) == 3 and len(set(items)) == 3  # a permutation of the bucket's test items
+        for j, i in enumerate(items):  # each sample starts with its test clip's first frame, and takes its label
+            torch.testing.assert_close(samples[j, :, 0], reference[i]["x"][:, 0].clamp(-1, 1), atol=1e-4, rtol=0)
+            assert int(labels[j]) == int(reference[i]["y"])
+        assert not torch.allclose(samples[:, :, 1:], samples[:, :, :1].expand_as(samples[:, :, 1:]))
 
 
 @pytest.fixture(scope="module")
