@@ -357,7 +357,8 @@ def _bucket_recipe(clips, tmp_path, buckets, train=None, **sections):
     train = {"steps": 8, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4, "log_every": 1, "mixed_precision": "no",
              "output_dir": str(tmp_path / "runs"), "seed": 1, **(train or {})}  # fmt: skip
     model = {"depth": 2, "hidden_size": 32, "num_heads": 2, "layout": "spatial-temporal"}
-    sample = {"scheduler": "flow-euler", "num_steps": 2, "num_samples": 2, "batch_size": 2, **sections.pop("sample", {})}
+    sample = {"scheduler": "flow-euler", "num_steps": 2, "num_samples": 2, "batch_size": 2,
+              **sections.pop("sample", {})}  # fmt: skip
     tokenizer = sections.pop("tokenizer", {"name": "tubelet", "patch_size": [2, 4, 4]})
     return tiny(tmp_path, "video", data, tokenizer, model=model, train=train, sample=sample, **sections)
 

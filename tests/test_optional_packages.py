@@ -115,6 +115,12 @@ def train_calls(data: dict[str, Path], recipes: list[str], case: str) -> list[li
             f"data.root={root / 'moving-text'}", "data.num_clips_train=10", "data.num_clips_test=10",
             *_small_autoencoder_stage(), "autoencoder_train.num_workers=0", *_two_steps(),
         ],
+        "video/moving-digits-buckets": [
+            f"data.root={root / 'moving-buckets'}", "data.num_clips_train=16", "data.num_clips_test=10",
+            "data.buckets=[{size: [8, 32, 32], batch_size: 2}, {size: [12, 32, 32], batch_size: 2}, "
+            "{size: [8, 32, 48], batch_size: 2}, {size: [12, 32, 48], batch_size: 2}]",
+            *_small_autoencoder_stage(), "autoencoder_train.num_workers=0", *_two_steps(),
+        ],
         "video/latte-t2v": [
             f"data.root={root / 'captions.csv'}", "data.size=16", "data.num_frames=4", "data.frame_stride=1",
             f"autoencoder.pretrained={root / 'vae'}", f"text_encoder.pretrained={root / 't5'}",
