@@ -278,3 +278,55 @@ def test_frame_masks_map_onto_latent_frames():
     assert latent_frame_mask(batch, 3).tolist() == [[True, False, False], [True, True, False]]
     with pytest.raises(ValueError, match=r"cannot map 10 frames onto 3 latent frames"):
         latent_frame_mask(torch.zeros(10, dtype=torch.bool), 3)
+
+
+def test_image_to_video_through_a_causal_vae_keeps_the_first_frames_own_latent(tmp_path, monkeypatch):
+    """Latent space with a causal 3D VAE (a tiny Wan VAE, saved and loaded back): 9 frames are 3
+    latent frames and frame 0 is encoded alone, so a given first frame fixes latent frame 0 only,
+    equal to the VAE's encoding of that image by itself (the causal reference), and the decoded
+    clip starts with that image's reconstruction."""
+    pytest.importorskip("diffusers")
+    from ditx.modalities.video.autoencoder import CONFIGS, _model_class
+    from test_modality_jobs import tiny
+
+    from ditx import generation
+    from ditx.build import load_for_sampling
+    from ditx.diffusion.frames import given_frames
+    from ditx.pipeline import train_recipe
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    _model_class("wan")(**CONFIGS["wan"]["tiny"]).save_pretrained(tmp_path / "wan" / "vae")
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 9, "size": 24,
+            "num_clips_train": 10, "num_clips_test": 10}  # fmt: skip
+    recipe = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 2, 2]},
+                  autoencoder={"name": "video-vae", "kind": "wan", "pretrained": str(tmp_path / "wan"),
+                               "subfolder": "vae"},
+                  train={"steps": 1, "batch_size": 2, "checkpoint_every": 1, "mixed_precision": "no",
+                         "output_dir": str(tmp_path / "runs"), "frame_masks": {"image-to-video": 1.0}},
+                  sample={"scheduler": "flow-euler", "num_steps": 3, "num_samples": 2, "batch_size": 2})  # fmt: skip
+    run = train_recipe(recipe, run_dir=tmp_path / "run")
+    _, parts, model = load_for_sampling(run)
+    assert parts.data_shape == (3, 9, 24, 24) and parts.latent_shape == (4, 3, 6, 6)
+
+    first = torch.rand(3, 1, 24, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    seen = []
+    sample = generation.diffusion_sample
+
+    def spy(*args, **kwargs):
+        z = sample(*args, **kwargs)
+        seen.append((kwargs["frames"], z))
+        return z
+
+    monkeypatch.setattr(generation, "diffusion_sample", spy)
+    samples, _ = generation.generate(parts, model, 2, frames=given_frames(9, first=first))
+    (given, mask), z = seen[0]
+    assert mask.tolist() == [[True, False, False]] * 2  # only latent frame 0 is the image's
+    with torch.no_grad():
+        alone = parts.autoencoder.encode(first[None])  # the image by itself: one latent frame
+        reconstruction = parts.autoencoder.decode(alone)
+    assert alone.shape == (1, 4, 1, 6, 6)
+    torch.testing.assert_close(z[:, :, :1], alone.expand(2, -1, -1, -1, -1), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(z[:, :, 1:], alone.expand(2, -1, 2, -1, -1), atol=1e-2)  # the rest is generated
+    assert samples.shape == (2, 3, 9, 24, 24)
+    torch.testing.assert_close(samples[:, :, :1], reconstruction.expand(2, -1, -1, -1, -1), atol=1e-4, rtol=1e-4)
