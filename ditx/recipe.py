@@ -158,6 +158,8 @@ class AutoencoderTrainConfig:
     autoencoder has no ``pretrained`` weights, it is trained first into ``<run>/autoencoder``
     (kept across ``--resume``), then the DiT trains on its latents; with ``cache_latents:
     true`` they are encoded once into ``<run>/latents`` (or ``train.latent_cache``) first.
+    ``frames_per_clip`` (video, framewise autoencoders): each training clip gives that many
+    of its frames, drawn at random, so a step of the same cost sees more clips (0 = all).
     """
 
     steps: int = 1000
@@ -171,6 +173,7 @@ class AutoencoderTrainConfig:
     num_workers: int = 0
     first_stage: bool = False
     cache_latents: bool = False
+    frames_per_clip: int = 0
 
 
 @dataclass

@@ -30,6 +30,16 @@ def default_autoencoder_dir(recipe: Recipe) -> Path:
     return Path(recipe.train.output_dir) / f"{(recipe.name or 'run').replace('/', '-')}-autoencoder"
 
 
+def draw_frames(clips: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` frames of each clip ``(B, C, T, H, W)``, drawn at random without repeats, in their
+    order: ``(B, C, k, H, W)`` (all ``T`` when ``k >= T``)."""
+    b, _, t = clips.shape[:3]
+    if k >= t:
+        return clips
+    idx = torch.rand(b, t, generator=generator).argsort(1)[:, :k].sort(1).values  # (B, k)
+    return clips.transpose(1, 2)[torch.arange(b)[:, None], idx].transpose(1, 2).contiguous()
+
+
 @torch.no_grad()
 def _held_out_metrics(autoencoder: Autoencoder, batch: dict[str, Tensor]) -> tuple[dict[str, float], Tensor, Tensor]:
     """The autoencoder's reconstruction metrics on the held-out batch, its reconstructions and its latents."""
@@ -114,6 +124,12 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     held_batch = {k: v.to(device) for k, v in default_collate([dataset[i] for i in held_out]).items()
                   if isinstance(v, Tensor)}  # fmt: skip
     x_held = held_batch["x"]
+    if cfg.frames_per_clip < 0 or (cfg.frames_per_clip and (
+            x_held.ndim != 5 or ae.latent_shape(tuple(x_held.shape[1:]))[1] != x_held.shape[2])):  # fmt: skip
+        raise ValueError(f"autoencoder_train.frames_per_clip={cfg.frames_per_clip}: frames drawn from clips need "
+                         f"video data and an autoencoder that encodes each frame alone (framewise-vae), got data "
+                         f"{tuple(x_held.shape[1:])} and {recipe.autoencoder.name!r}")  # fmt: skip
+    pick = torch.Generator().manual_seed(cfg.seed + 2)  # the frames drawn from each clip
 
     ae.to(device)
     ae.eval()
@@ -146,7 +162,10 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
         )  # fmt: skip
         for batch in loader:
-            x = batch["x"].to(device)
+            x = batch["x"]
+            if cfg.frames_per_clip:
+                x = draw_frames(x, cfg.frames_per_clip, pick)
+            x = x.to(device)
             extra = {k: v.to(device) for k, v in ae.loss_inputs(batch).items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 terms = ae.training_loss(x, kl_weight=cfg.kl_weight, generator=noise, **extra)
@@ -190,7 +209,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         "autoencoder": recipe.autoencoder.to_dict(),
         "data": recipe.data.to_dict(),
         "autoencoder_train": {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "kl_weight",
-                                                           "mixed_precision", "seed")},
+                                                           "mixed_precision", "seed", "frames_per_clip")},
         "precision": precision,  # what mixed_precision (auto) resolved to on this machine
         "recipe": recipe.name or recipe.source,
     }  # fmt: skip

@@ -468,3 +468,57 @@ def test_recipe_arguments_are_checked_against_the_constructors():
         check_component_args(Component("video-vae", {"kind": "mochi"}), "autoencoder", "video.yaml")
     with pytest.raises(RecipeError, match=r"unknown key 'autoencoder.chunk' for autoencoder 'framewise-vae'"):
         check_component_args(Component("framewise-vae", {"chunk": 8}), "autoencoder", "video.yaml")
+
+
+def test_draw_frames_takes_k_distinct_frames_of_each_clip_in_order():
+    from ditx.train_autoencoder import draw_frames
+
+    b, t = 6, 8
+    # every pixel of clip i's frame j holds 100 i + j: what was drawn can be read back
+    clips = (100 * torch.arange(b).view(b, 1, 1, 1, 1) + torch.arange(t).view(1, 1, t, 1, 1)).float()
+    clips = clips.expand(b, 3, t, 4, 5).contiguous()
+    generator, seen = torch.Generator().manual_seed(0), set()
+    for _ in range(20):
+        drawn = draw_frames(clips, 3, generator)
+        assert drawn.shape == (b, 3, 3, 4, 5)
+        for i in range(b):
+            values = drawn[i].flatten(2).amin(-1)  # (C, k): one value per channel and frame
+            assert torch.equal(values, drawn[i].flatten(2).amax(-1))  # whole frames, not mixed
+            frames = (values[0] - 100 * i).long().tolist()
+            assert frames == sorted(set(frames)) and all(0 <= f < t for f in frames), frames  # this clip's, in order
+            seen.update(frames)
+    assert seen == set(range(t))  # every frame gets drawn
+    assert draw_frames(clips, t, generator) is clips
+
+
+def test_frames_per_clip_trains_a_framewise_vae_on_drawn_frames_and_refuses_images(tmp_path, monkeypatch):
+    import json
+
+    from test_modality_jobs import tiny
+
+    from ditx.train_autoencoder import train_autoencoder
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 6, "size": 24,
+            "num_clips_train": 20, "num_clips_test": 10}  # fmt: skip
+    shapes, loss = [], FramewiseVAE.training_loss
+
+    def spy(self, x, **kwargs):
+        shapes.append(tuple(x.shape))
+        return loss(self, x, **kwargs)
+
+    monkeypatch.setattr(FramewiseVAE, "training_loss", spy)
+    stage = {"steps": 3, "batch_size": 4, "frames_per_clip": 2, "mixed_precision": "no"}
+    recipe = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 2, 2]},
+                  autoencoder={"name": "framewise-vae", "config": "tiny"}, autoencoder_train=stage)  # fmt: skip
+    out = train_autoencoder(recipe, out=tmp_path / "ae")
+    assert shapes == [(4, 3, 2, 24, 24)] * 3  # 2 of each clip's 6 frames
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["autoencoder_train"]["frames_per_clip"] == 2 and metrics["held_out"]  # held out: whole clips
+
+    # images have no frames to draw (and ditx's causal VAEs are not trainable): a clear error
+    digits = {"name": "digits", "size": 16, "channels": 1}
+    images = tiny(tmp_path, "image", digits, {"name": "patch2d", "patch_size": 4},
+                  autoencoder={"name": "sd-vae", "config": "tiny"}, autoencoder_train=stage)  # fmt: skip
+    with pytest.raises(ValueError, match=r"frames_per_clip=2: frames drawn from clips need video data .*\(1, 16, 16\)"):
+        train_autoencoder(images, out=tmp_path / "ae2")
