@@ -134,17 +134,18 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
     so the digit kept is the given frame's doing. Returns the metrics and what the protocol records of this group."""
     from ditx.diffusion.frames import given_frames
 
-    captions = labels = drawn = frames = asked = None
+    captions = labels = drawn = frames = None
     record: dict = {}
     if parts.text_encoder is not None:  # prompts (and their items' labels) from the test split
         captions, labels, drawn = test_prompts(reference, cfg.num_samples, cfg.seed)
+    asked = labels if parts.num_classes > 0 else None  # the classes the samples are generated for
     if conditioning == "first_frame":
         if drawn is None:
             order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             drawn = [order[i % len(order)] for i in range(cfg.num_samples)]
         items = {i: reference[i] for i in set(drawn)}
         if parts.num_classes > 0 and labels is None:
-            labels = torch.tensor([int(items[i]["y"]) for i in drawn])
+            labels = asked = torch.tensor([int(items[i]["y"]) for i in drawn])
             if model.null_class is not None:  # the given frame is the only condition: its digit must carry over
                 asked = torch.full_like(labels, model.null_class)
                 sample_cfg = dataclasses.replace(sample_cfg, guidance_scale=1.0)
@@ -154,8 +155,7 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
         record["first_frames"] = {"source": "the first frame of each test item (a permutation seeded with "
                                             "eval.seed, taken in turn)", "items": drawn}  # fmt: skip
     samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
-                                      labels=asked if asked is not None else labels if parts.num_classes > 0 else None,
-                                      captions=captions, frames=frames)  # fmt: skip
+                                      labels=asked, captions=captions, frames=frames)  # fmt: skip
     if captions is None and labels is None:
         labels = generated_for
     record["labels"] = _labels_protocol(captions, labels) if conditioning is None else (

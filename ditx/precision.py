@@ -59,13 +59,18 @@ def resolve_precision(value: str, device: torch.device | str, where: str = "trai
             return "no"
         fast = cpu_bf16_is_fast()
         speeds = cpu_matmul_speeds()
-        logger.info("%s=auto: %s (bf16 matmuls %.1f GFLOP/s, fp32 %.1f on this CPU)", where,
-                    "bf16" if fast else "fp32", speeds["bf16"], speeds["fp32"])  # fmt: skip
+        _say_once(logging.INFO, f"{where}=auto: {'bf16' if fast else 'fp32'} (bf16 matmuls {speeds['bf16']:.1f} "
+                                f"GFLOP/s, fp32 {speeds['fp32']:.1f} on this CPU)")  # fmt: skip
         return "bf16" if fast else "no"
     if value == "bf16" and device.type == "cpu" and not cpu_bf16_is_fast():
         speeds = cpu_matmul_speeds()
-        logger.warning(
-            "%s=bf16 on a CPU where bf16 matmuls run at %.2f GFLOP/s against fp32's %.1f (no AMX or AVX-512 BF16): "
-            "this job will be slow; %s=auto picks fp32 here", where, speeds["bf16"], speeds["fp32"], where,
-        )  # fmt: skip
+        _say_once(logging.WARNING, f"{where}=bf16 on a CPU where bf16 matmuls run at {speeds['bf16']:.2f} GFLOP/s "
+                                   f"against fp32's {speeds['fp32']:.1f} (no AMX or AVX-512 BF16): this job will be "
+                                   f"slow; {where}=auto picks fp32 here")  # fmt: skip
     return value
+
+
+@functools.cache
+def _say_once(level: int, message: str) -> None:
+    """Log ``message`` once per process: sampling resolves the precision for every batch."""
+    logger.log(level, message)

@@ -124,8 +124,10 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     held_batch = {k: v.to(device) for k, v in default_collate([dataset[i] for i in held_out]).items()
                   if isinstance(v, Tensor)}  # fmt: skip
     x_held = held_batch["x"]
-    if cfg.frames_per_clip < 0 or (cfg.frames_per_clip and (
-            x_held.ndim != 5 or ae.latent_shape(tuple(x_held.shape[1:]))[1] != x_held.shape[2])):  # fmt: skip
+    if isinstance(cfg.frames_per_clip, bool) or not isinstance(cfg.frames_per_clip, int) or cfg.frames_per_clip < 0:
+        raise ValueError(f"autoencoder_train.frames_per_clip must be an integer >= 0 (0: every frame), got "
+                         f"{cfg.frames_per_clip!r}")  # fmt: skip
+    if cfg.frames_per_clip and (x_held.ndim != 5 or ae.latent_shape(tuple(x_held.shape[1:]))[1] != x_held.shape[2]):
         raise ValueError(f"autoencoder_train.frames_per_clip={cfg.frames_per_clip}: frames drawn from clips need "
                          f"video data and an autoencoder that encodes each frame alone (framewise-vae), got data "
                          f"{tuple(x_held.shape[1:])} and {recipe.autoencoder.name!r}")  # fmt: skip

@@ -522,3 +522,8 @@ def test_frames_per_clip_trains_a_framewise_vae_on_drawn_frames_and_refuses_imag
                   autoencoder={"name": "sd-vae", "config": "tiny"}, autoencoder_train=stage)  # fmt: skip
     with pytest.raises(ValueError, match=r"frames_per_clip=2: frames drawn from clips need video data .*\(1, 16, 16\)"):
         train_autoencoder(images, out=tmp_path / "ae2")
+    negative = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 2, 2]},
+                    autoencoder={"name": "framewise-vae", "config": "tiny"},
+                    autoencoder_train={**stage, "frames_per_clip": -1})  # fmt: skip
+    with pytest.raises(ValueError, match=r"frames_per_clip must be an integer >= 0 \(0: every frame\), got -1"):
+        train_autoencoder(negative, out=tmp_path / "ae3")

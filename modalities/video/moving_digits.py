@@ -199,7 +199,7 @@ def _check_clip_shapes(clip_shapes) -> list[tuple[int, int, int]] | None:
             ok = False
             break
         shapes.append(tuple(shape))
-    if not ok or shapes[0][0] < 2 or any(s[0] < 2 for s in shapes):
+    if not ok or any(s[0] < 2 for s in shapes):
         raise ValueError(f"moving-digits clip_shapes must be a non-empty list of [frames >= 2, height, width], "
                          f"got {clip_shapes!r}")  # fmt: skip
     return shapes
