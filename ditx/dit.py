@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
@@ -27,6 +27,9 @@ from ditx.attention import attention
 from ditx.embeddings import ContextProjection, LabelEmbedder, PooledTextProjection, TimestepEmbedder
 from ditx.positions import POSITIONS, RotaryPositions, apply_rotary, rope_dims
 from ditx.tokenizer import Grid, Tokenizer
+
+if TYPE_CHECKING:
+    from ditx.parallel import SequenceParallel
 
 # depth, hidden size, heads (Table 1 of the DiT paper); the patch size is the "/p" suffix.
 DIT_SIZES: dict[str, dict[str, int]] = {
@@ -202,7 +205,12 @@ class Attention(nn.Module):
         attend: tuple[int, ...] | None = None,
         mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
+        if sp is not None:
+            if sp.exchanges(attend):  # the axes span the shards: attend over head shards of the whole sequence
+                return self._exchanged(x, grid, attend, mask, rope, sp)
+            grid = sp.local_grid(grid)  # within this process's frames: no communication
         d = x.shape[-1]
         if attend is not None:  # regroup the D-wide tokens, not the 3D-wide qkv (a third of the copying)
             x = _group(x, grid, attend)  # (B*G, n, D)
@@ -218,6 +226,27 @@ class Attention(nn.Module):
         if attend is not None:
             out = _ungroup(out, grid, attend)  # (B, N, D)
         return out
+
+    def _exchanged(self, x: Tensor, grid: Grid, attend, mask, rope, sp: SequenceParallel) -> Tensor:
+        """Sequence-parallel attention (Ulysses): x is this process's (B, N/P, D) shard of ``grid``."""
+        b, n_local, d = x.shape
+        heads = self.num_heads // sp.size
+        qkv = self.qkv(x).view(b, n_local, 3, self.num_heads, self.head_dim)  # (B, N/P, 3, H, d)
+        qkv = sp.sequence_to_heads(qkv, seq_dim=1, head_dim=3)  # (B, N, 3, H/P, d)
+        n = qkv.shape[1]
+        if attend is not None:
+            qkv = _group(qkv.reshape(b, n, -1), grid, attend)  # (B*G, n', 3 * H/P * d)
+        bg, m = qkv.shape[:2]
+        q, k, v = qkv.reshape(bg, m, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B', H/P, n', d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attention(q, k, v, mask=mask, backend=self.backend).transpose(1, 2)  # (B', n', H/P, d)
+        if attend is not None:
+            out = _ungroup(out.reshape(bg, m, -1), grid, attend)  # (B, N, H/P * d)
+        out = sp.heads_to_sequence(out.reshape(b, n, heads, self.head_dim), seq_dim=1, head_dim=2)  # (B, N/P, H, d)
+        return self.proj(out.reshape(b, n_local, d))
 
 
 class CrossAttention(nn.Module):
@@ -286,10 +315,12 @@ class DiTBlock(nn.Module):
         attn_mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
         clean: CleanTokens | None = None,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
+        """x: (B, N, D) tokens of ``grid`` (with ``sp``: this process's (B, N/P, D) shard of it)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(self.adaLN_modulation, c, 6, clean)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + _gated(gate_msa, self.attn(h, grid, self.attend, attn_mask, rope))
+        x = x + _gated(gate_msa, self.attn(h, grid, self.attend, attn_mask, rope, sp))
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
         x = x + _gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -403,6 +434,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.out_channels = tokenizer.out_channels
         self.gradient_checkpointing = False
+        self.sequence_parallel: SequenceParallel | None = None  # ditx.parallel.enable_sequence_parallel
 
         self.x_embedder = tokenizer
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -544,14 +576,22 @@ class DiT(nn.Module):
         if frame_mask is not None:  # clean frames: the same condition at t = 0
             c_clean = c + self.t_embedder(torch.zeros_like(t)) - self.t_embedder(t)
             clean = (c_clean, self._clean_tokens(frame_mask, grid, x.shape[0]))
+        sp = self.sequence_parallel
+        if sp is not None:  # this process keeps its 1/P of the tokens along the grid's first axis
+            sp.check(grid, self.num_heads)
+            tokens = sp.split(tokens)  # (B, N/P, D)
+            if clean is not None:
+                clean = (clean[0], sp.split(clean[1]))
         for block in self.blocks:
             mask, rope = masks.get(block.attend), ropes.get(block.attend)
-            args = (tokens, c, grid, context, context_mask, mask, rope, clean)
+            args = (tokens, c, grid, context, context_mask, mask, rope, clean, sp)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
                 tokens = block(*args)  # (B, N, D)
         tokens = self.final_layer(tokens, c, clean)  # (B, N, patch_numel * out_channels)
+        if sp is not None:
+            tokens = sp.gather(tokens)  # every process gets the whole prediction
         return self.x_embedder.untokenize(tokens, grid)  # (B, out_channels, *spatial)
 
     def compile_blocks(self, **kwargs: Any) -> DiT:

@@ -97,6 +97,9 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     grad_accum: int = 1
+    # split each clip's tokens over this many processes (ditx.parallel, DeepSpeed-Ulysses); the
+    # processes are data-parallel groups x this; 1: off
+    sequence_parallel: int = 1
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: ditx.precision
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at step k; DiT's paper: false

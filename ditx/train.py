@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ditx.build import build_components
+from ditx.parallel import enable_sequence_parallel, sequence_parallel_groups
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
@@ -200,12 +201,13 @@ class Trainer:
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
         )
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        # data-parallel rank and world: the processes of one sequence-parallel group share a batch
+        self.sp, self.rank, self.world = sequence_parallel_groups(cfg.sequence_parallel)
         self.micro_global = cfg.batch_size // cfg.grad_accum
         if cfg.batch_size % (cfg.grad_accum * self.world):
             raise ValueError(
                 f"train.batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x "
-                f"processes ({self.world}); it is the global batch per optimizer step"
+                f"data-parallel processes ({self.world}); it is the global batch per optimizer step"
             )
         self.local = self.micro_global // self.world
 
@@ -215,7 +217,7 @@ class Trainer:
             if run_dir is None:
                 raise FileNotFoundError(f"--resume: no earlier run of {recipe.name!r} in {cfg.output_dir!r}")
         chosen = [str(run_dir or new_run_dir(recipe))]
-        if self.world > 1:
+        if accelerator.num_processes > 1:
             broadcast_object_list(chosen)
         self.run_dir = Path(chosen[0])
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -265,11 +267,13 @@ class Trainer:
         # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
         # step it once per process, making warmup depend on the number of processes
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        enable_sequence_parallel(self.model, self.sp)  # on the trained model only: EMA and previews sample alone
 
         self.step, self.bad_samples = 0, 0
         if self.resume:
             state = ckpt.load_training_state(  # verified above, before anything was written
-                self.found, self.model, self.ema, self.optimizer, self.scheduler, accelerator.scaler, self.rank,
+                self.found, self.model, self.ema, self.optimizer, self.scheduler, accelerator.scaler,
+                accelerator.process_index,
                 verify=False,
             )  # fmt: skip
             self.step, self.bad_samples = state["step"], state.get("bad_samples", 0)
@@ -432,7 +436,8 @@ class Trainer:
             stats = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device),
                                  torch.tensor(float(len(batch["errors"])), device=loss.device)])  # fmt: skip
             stats = accelerator.reduce(stats, reduction="sum")
-            self.bad_samples += int(stats[2].item())
+            # the processes of a sequence-parallel group read the same items: count them once
+            self.bad_samples += int(stats[2].item()) // cfg.sequence_parallel
             if self.bad_samples > cfg.max_bad_samples:
                 raise DataBudgetError(
                     f"{self.bad_samples} unreadable samples exceed train.max_bad_samples={cfg.max_bad_samples} "
@@ -443,7 +448,9 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 raise _stopped(NonFiniteLossError, f"loss is {mean_loss}", self.step + 1,
                                f"(micro-step {self.micro_step})", self.last_good)  # fmt: skip
-            accelerator.backward(loss)
+            # a sequence-parallel group's processes each hold a share of the gradient, summed by the
+            # data-parallel mean only after scaling by the group size (ditx.parallel)
+            accelerator.backward(loss * cfg.sequence_parallel if self.sp is not None else loss)
             if accelerator.sync_gradients:
                 # the global norm, the same on every process whatever wraps the model (DDP, FSDP);
                 # without clipping, max_norm=inf leaves the gradients as they are
@@ -487,7 +494,7 @@ class Trainer:
         self.last_good = ckpt.save_training_state(
             self.ckpt_root, self.step, self.accelerator, self.model, self.ema, self.optimizer, self.scheduler,
             extra={"bad_samples": self.bad_samples, "micro_step": self.micro_step, "world_size": self.world,
-                   "batches_per_epoch": self.per_epoch},
+                   "sequence_parallel": self.cfg.sequence_parallel, "batches_per_epoch": self.per_epoch},
             keep=self.cfg.keep_checkpoints, model_metadata=shapes,
         )  # fmt: skip
         return self.last_good
