@@ -56,3 +56,50 @@ def test_sampling_extrapolation_is_exact_for_a_linear_cost():
     cost = lambda k: fixed + k * per_step  # noqa: E731
     assert sampling.extrapolate(cost(10), cost(1), 10, 50) == pytest.approx(cost(50))
     assert sampling.extrapolate(cost(4), cost(1), 4, 4) == pytest.approx(cost(4))
+
+
+def test_gpu_benchmark_reference_dit_is_the_same_function_as_ditx():
+    """benchmarks/gpu.py times ditx against an official-DiT-style model: with ditx's weights
+    loaded (official key names), it must compute the same outputs, or the rows compare different models."""
+    from ditx import build_dit
+
+    gpu = pytest.importorskip("gpu")
+    torch.manual_seed(0)
+    ours = build_dit(depth=2, hidden_size=64, num_heads=4, patch_size=2, in_channels=4, num_classes=1000).eval()
+    with torch.no_grad():  # off adaLN-Zero's identity, so every block and the final layer compute
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = gpu.ReferenceDiT(depth=2, dim=64, heads=4, latent=8).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 7, 1000])
+    with torch.no_grad():
+        expected = ours(x, t, y)
+        torch.testing.assert_close(ref(x, t, y), expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("script", ["gpu.py", "bench_sequence_parallel.py"])
+def test_benchmark_smoke_mode_runs_and_writes_its_results(script, tmp_path):
+    """The GPU benchmark and the sequence-parallel one in their CPU smoke modes (tiny sizes), as CI runs them."""
+    import json
+    import subprocess
+
+    out = tmp_path / "results.json"
+    flag = "--out" if script == "gpu.py" else "--results"
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    proc = subprocess.run([sys.executable, str(here / script), "--smoke", flag, str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    if script == "gpu.py":
+        image, video, attn = doc["image"][0], doc["video"][0], doc["attention"]
+        assert set(image["ms"]) == {"ditx", "ditx compiled", "official-style", "diffusers"}
+        assert all(v > 0 for v in image["ms"].values()) and image["tflop_per_step"] > 0
+        assert set(video["ms"]) == {"ditx", "diffusers Latte"}
+        assert [r["tokens"] for r in attn] == [64, 256] and all({"sdpa", "math"} <= set(r["ms"]) for r in attn)
+        assert "| ditx ms |" in proc.stdout
+    else:
+        for layout in ("joint", "spatial-temporal"):
+            r = doc["results"][layout]
+            assert r["max_abs_diff"] < 1e-4  # the split run computes the whole run's output
+            assert 0 < r["sp2"]["activation_mb"] < r["sp1"]["activation_mb"]
