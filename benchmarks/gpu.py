@@ -222,39 +222,44 @@ def diffusers_dit(depth: int, dim: int, heads: int, latent: int):
 
 def image_rows(s: Sizes, device, peak: float, smoke: bool) -> list[dict]:
     rows = []
-    for name, depth, dim, heads, batch in s.image:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 4, s.latent, s.latent, generator=g).to(device)
-        target = torch.randn(batch, 8, s.latent, s.latent, generator=g).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=g).float().to(device)
-        y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        torch.manual_seed(0)
-        ours = build_dit(depth=depth, hidden_size=dim, num_heads=heads, patch_size=2, in_channels=4,
-                         num_classes=1000).to(device).train()  # fmt: skip
-        ref = ReferenceDiT(depth, dim, heads, s.latent).to(device).train()
-        peer = diffusers_dit(depth, dim, heads, s.latent).to(device).train()
-        compiled = copy.deepcopy(ours).compile_blocks(**({"backend": "eager"} if smoke else {}))
-        steps = {
-            "ditx": training_step(ours, lambda: ours(x, t, y), target, device),
-            "ditx compiled": training_step(compiled, lambda: compiled(x, t, y), target, device),
-            "official-style": training_step(ref, lambda: ref(x, t, y), target, device),
-            "diffusers": training_step(peer, lambda: peer(x, timestep=t, class_labels=y).sample, target, device),
-        }
-        tic = time.perf_counter()
-        steps["ditx compiled"]()
-        synchronize(device)
-        compile_s = time.perf_counter() - tic
-        flops = count_flops(steps["ditx"])
-        med = alternate_synced(steps, s.repeats, device)
-        rows.append({"model": name, "tokens": (s.latent // 2) ** 2, "batch": batch, "tflop_per_step": flops / 1e12,
-                     "ms": {k: 1e3 * v for k, v in med.items()},
-                     "mfu": {k: flops / v / 1e12 / peak for k, v in med.items()}, "compile_s": compile_s,
-                     "speedup_vs_official": med["official-style"] / min(med["ditx"], med["ditx compiled"]),
-                     "speedup_vs_diffusers": med["diffusers"] / min(med["ditx"], med["ditx compiled"])})  # fmt: skip
-        del ours, ref, peer, compiled, steps
-        if device.type == "cuda":
+    for spec in s.image:
+        rows.append(image_row(spec, s, device, peak, smoke))
+        if device.type == "cuda":  # the models of one row are gone before the next is built
             torch.cuda.empty_cache()
     return rows
+
+
+def image_row(spec: tuple[str, int, int, int, int], s: Sizes, device, peak: float, smoke: bool) -> dict:
+    name, depth, dim, heads, batch = spec
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, s.latent, s.latent, generator=g).to(device)
+    target = torch.randn(batch, 8, s.latent, s.latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).float().to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    torch.manual_seed(0)
+    ours = build_dit(depth=depth, hidden_size=dim, num_heads=heads, patch_size=2, in_channels=4,
+                     num_classes=1000).to(device).train()  # fmt: skip
+    ref = ReferenceDiT(depth, dim, heads, s.latent).to(device).train()
+    peer = diffusers_dit(depth, dim, heads, s.latent).to(device).train()
+    compiled = copy.deepcopy(ours).compile_blocks(**({"backend": "eager"} if smoke else {}))
+    steps = {
+        "ditx": training_step(ours, lambda: ours(x, t, y), target, device),
+        "ditx compiled": training_step(compiled, lambda: compiled(x, t, y), target, device),
+        "official-style": training_step(ref, lambda: ref(x, t, y), target, device),
+        "diffusers": training_step(peer, lambda: peer(x, timestep=t, class_labels=y).sample, target, device),
+    }
+    tic = time.perf_counter()
+    steps["ditx compiled"]()
+    synchronize(device)
+    compile_s = time.perf_counter() - tic
+    flops = count_flops(steps["ditx"])
+    med = alternate_synced(steps, s.repeats, device)
+    best = min(med["ditx"], med["ditx compiled"])
+    return {"model": name, "tokens": (s.latent // 2) ** 2, "batch": batch, "tflop_per_step": flops / 1e12,
+            "ms": {c: 1e3 * sec for c, sec in med.items()},
+            "mfu": {c: flops / sec / 1e12 / peak for c, sec in med.items()}, "compile_s": compile_s,
+            "speedup_vs_official": med["official-style"] / best,
+            "speedup_vs_diffusers": med["diffusers"] / best}  # fmt: skip
 
 
 def video_rows(s: Sizes, device, peak: float) -> list[dict]:
@@ -292,35 +297,36 @@ def video_rows(s: Sizes, device, peak: float) -> list[dict]:
 
 
 def attention_rows(s: Sizes, device) -> list[dict]:
-    rows = []
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for n in s.attention_tokens:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, s.attention_heads, n, s.head_dim, generator=g).to(device, dtype).requires_grad_()
-                   for _ in range(3))  # fmt: skip
-        flops = 4 * n * n * s.head_dim * s.attention_heads * 3.5  # fwd 4 n² d h; bwd 2.5x (recompute included)
-        calls: dict[str, Callable[[], object]] = {}
-        if device.type == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+    return [attention_row(n, s, device, dtype, free) for n in s.attention_tokens]
 
-            def flash():
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    attention(q, k, v, backend="sdpa").sum().backward()
 
-            calls["sdpa flash"] = flash
-        else:
-            calls["sdpa"] = lambda: attention(q, k, v, backend="sdpa").sum().backward()
-        if xformers_unavailable_reason(q) is None:
-            calls["xformers"] = lambda: attention(q, k, v, backend="xformers").sum().backward()
-        # math keeps float32 scores, probabilities and their gradients: about 4 score matrices
-        if 4 * 4 * s.attention_heads * n * n < 0.5 * free:
-            calls["math"] = lambda: math_attention(q, k, v).sum().backward()
-        med = alternate_synced(calls, s.repeats, device)
-        rows.append({"tokens": n, "ms": {k: 1e3 * t for k, t in med.items()},
-                     "tflop_s": {k: flops / t / 1e12 for k, t in med.items()},
-                     "xformers": xformers_unavailable_reason(q)})  # fmt: skip
-    return rows
+def attention_row(n: int, s: Sizes, device, dtype: torch.dtype, free: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, s.attention_heads, n, s.head_dim, generator=g).to(device, dtype).requires_grad_()
+               for _ in range(3))  # fmt: skip
+    flops = 4 * n * n * s.head_dim * s.attention_heads * 3.5  # fwd 4 n² d h; bwd 2.5x (recompute included)
+    calls: dict[str, Callable[[], object]] = {}
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                attention(q, k, v, backend="sdpa").sum().backward()
+
+        calls["sdpa flash"] = flash
+    else:
+        calls["sdpa"] = lambda: attention(q, k, v, backend="sdpa").sum().backward()
+    if xformers_unavailable_reason(q) is None:
+        calls["xformers"] = lambda: attention(q, k, v, backend="xformers").sum().backward()
+    # math keeps float32 scores, probabilities and their gradients: about 4 score matrices
+    if 4 * 4 * s.attention_heads * n * n < 0.5 * free:
+        calls["math"] = lambda: math_attention(q, k, v).sum().backward()
+    med = alternate_synced(calls, s.repeats, device)
+    return {"tokens": n, "ms": {b: 1e3 * sec for b, sec in med.items()},
+            "tflop_s": {b: flops / sec / 1e12 for b, sec in med.items()},
+            "xformers": xformers_unavailable_reason(q)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ditx.build import build_components
-from ditx.parallel import enable_sequence_parallel, sequence_parallel_groups
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
+from ditx.parallel import enable_sequence_parallel, sequence_parallel_groups
 from ditx.precision import resolve_precision
 from ditx.recipe import Recipe
 
