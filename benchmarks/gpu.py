@@ -263,24 +263,19 @@ def image_row(spec: tuple[str, int, int, int, int], s: Sizes, device, peak: floa
 
 
 def video_rows(s: Sizes, device, peak: float) -> list[dict]:
-    from diffusers import LatteTransformer3DModel
+    from bench_video_step import Config, build_ditx, build_peer
 
     frames, size, depth, dim, heads = s.video
+    cfg = Config(frames=frames, size=size, depth=depth, width=dim, heads=heads, repeats=s.repeats)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, frames, size, size, generator=g).to(device)
-    target = torch.randn(1, 8, frames, size, size, generator=g).to(device)
+    x = torch.randn(1, cfg.in_channels, frames, size, size, generator=g).to(device)
+    target = torch.randn(1, cfg.out_channels, frames, size, size, generator=g).to(device)
     t = torch.randint(0, 1000, (1,), generator=g).float().to(device)
-    y = torch.randint(0, 101, (1,), generator=g).to(device)
-    caption = torch.randn(1, 8, 32, generator=g).to(device)
+    y = torch.randint(0, cfg.num_classes, (1,), generator=g).to(device)
+    caption = torch.randn(1, cfg.caption_tokens, cfg.caption_channels, generator=g).to(device)
     torch.manual_seed(0)
-    ours = build_dit(tokenizer="tubelet", in_channels=4, out_channels=8, patch_size=2, depth=depth, hidden_size=dim,
-                     num_heads=heads, layout="spatial-temporal", num_classes=101).to(device).train()  # fmt: skip
-    peer = LatteTransformer3DModel(
-        num_attention_heads=heads, attention_head_dim=dim // heads, in_channels=4, out_channels=8,
-        num_layers=depth // 2, sample_size=size, patch_size=2, video_length=frames, activation_fn="gelu-approximate",
-        norm_type="ada_norm_single", num_embeds_ada_norm=1000, attention_bias=True, norm_elementwise_affine=False,
-        norm_eps=1e-6, cross_attention_dim=None, caption_channels=32,
-    ).to(device).train()  # fmt: skip
+    ours = build_ditx(cfg).to(device).train()  # the CPU video benchmark's models, on this device
+    peer = build_peer(cfg).to(device).train()
     steps = {
         "ditx": training_step(ours, lambda: ours(x, t, y), target, device),
         "diffusers Latte": training_step(

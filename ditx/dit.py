@@ -217,15 +217,20 @@ class Attention(nn.Module):
         bg, n = x.shape[:2]
         qkv = self.qkv(x).view(bg, n, 3, self.num_heads, self.head_dim)  # (B', n, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', H, n, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # (n, d/2) tables: the same for every sequence of the block
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attention(q, k, v, mask=mask, backend=self.backend)  # (B', H, n, d); mask (n, n)
+        out = self._attend(q, k, v, mask, rope)  # (B', H, n, d); mask (n, n)
         out = self.proj(out.transpose(1, 2).reshape(bg, n, d))  # (B', n, D)
         if attend is not None:
             out = _ungroup(out, grid, attend)  # (B, N, D)
         return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, rope) -> Tensor:
+        """(B', heads, n, d) queries, keys, values -> attention output: QK norm, rotary positions
+        ((n, d/2) tables, the same for every sequence of the block), then the backend."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return attention(q, k, v, mask=mask, backend=self.backend)
 
     def _exchanged(self, x: Tensor, grid: Grid, attend, mask, rope, sp: SequenceParallel) -> Tensor:
         """Sequence-parallel attention (Ulysses): x is this process's (B, N/P, D) shard of ``grid``."""
@@ -238,11 +243,7 @@ class Attention(nn.Module):
             qkv = _group(qkv.reshape(b, n, -1), grid, attend)  # (B*G, n', 3 * H/P * d)
         bg, m = qkv.shape[:2]
         q, k, v = qkv.reshape(bg, m, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B', H/P, n', d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attention(q, k, v, mask=mask, backend=self.backend).transpose(1, 2)  # (B', n', H/P, d)
+        out = self._attend(q, k, v, mask, rope).transpose(1, 2)  # (B', n', H/P, d)
         if attend is not None:
             out = _ungroup(out.reshape(bg, m, -1), grid, attend)  # (B, N, H/P * d)
         out = sp.heads_to_sequence(out.reshape(b, n, heads, self.head_dim), seq_dim=1, head_dim=2)  # (B, N/P, H, d)
