@@ -111,6 +111,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
             "num_steps": sample_cfg.num_steps,
             "guidance_scale": sample_cfg.guidance_scale,
             "guided_channels": sample_cfg.guided_channels,
+            "guidance_interval": sample_cfg.guidance_interval,
             "seed": cfg.seed,
             "reference": {"dataset": recipe.data.name, "size": len(reference)},
             **(evaluated[0] if len(evaluated) == 1 else {"evaluated": evaluated}),
@@ -154,8 +155,10 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
         frames = (torch.stack(clips), torch.stack(masks))
         record["first_frames"] = {"source": "the first frame of each test item (a permutation seeded with "
                                             "eval.seed, taken in turn)", "items": drawn}  # fmt: skip
+    stats: dict = {}
     samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
-                                      labels=asked, captions=captions, frames=frames)  # fmt: skip
+                                      labels=asked, captions=captions, frames=frames, stats=stats)  # fmt: skip
+    record["network_evaluations"] = stats["network_evaluations"]  # per sample
     if captions is None and labels is None:
         labels = generated_for
     record["labels"] = _labels_protocol(captions, labels) if conditioning is None else (

@@ -47,6 +47,7 @@ def generate(
     progress: bool = False,
     captions: list[str] | None = None,
     frames: tuple[Tensor, Tensor] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``num`` samples in data space (decoded) and the labels they were generated for.
 
@@ -60,6 +61,8 @@ def generate(
     bool mask of its given frames (``ditx.diffusion.frames.given_frames``) for every sample,
     encoded once; or one clip per sample, (N, C, T, H, W) with (N, T) masks, encoded batch by
     batch. The given latent frames stay clean while the rest is generated.
+
+    ``stats``: a dict in which ``network_evaluations`` (model evaluations per sample) is set.
     """
     config = config or parts.recipe.sample
     device = torch.device(device)
@@ -106,7 +109,8 @@ def generate(
                 null_class=model.null_class if y is not None else None,
                 guidance_scale=config.guidance_scale if y is not None or text is not None else 1.0,
                 model_kwargs=cond, uncond_model_kwargs=uncond,
-                guided_channels=config.guided_channels, device=device,
+                guided_channels=config.guided_channels, guidance_interval=config.guidance_interval,
+                stats=stats, device=device,
                 noise=noise[start:stop].to(device),
                 generator=torch.Generator(device).manual_seed(config.seed + 1 + start),
                 frames=None if given is None else tuple(v.expand(stop - start, *v.shape[1:]) for v in given),

@@ -123,6 +123,9 @@ class SampleConfig:
     num_steps: int = 50
     guidance_scale: float = 1.0
     guided_channels: int | None = None  # None: guide all channels; 3: DiT's paper mode
+    # [low, high]: guidance only at noise levels (σ for rectified flow, t/1000 for DDPM) in it,
+    # one conditional evaluation elsewhere; None: at every step
+    guidance_interval: list[float] | None = None
     num_samples: int = 16
     batch_size: int = 16
     use_ema: bool = True

@@ -103,3 +103,48 @@ def test_benchmark_smoke_mode_runs_and_writes_its_results(script, tmp_path):
             r = doc["results"][layout]
             assert r["max_abs_diff"] < 1e-4  # the split run computes the whole run's output
             assert 0 < r["sp2"]["activation_mb"] < r["sp1"]["activation_mb"]
+
+
+def test_dit_pipeline_row_samples_the_same_model_as_ditx():
+    """bench_steps.py's DiTPipeline row: a ditx DiT with 10 classes in diffusers' layout (its null
+    label moved to row 1000, where DiTPipeline looks for it) and an identity "VAE" for pixel space.
+    DiTPipeline's 3-step DDIM with guidance from the same noise gives ditx's samples."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    from ditx import build_dit
+    from ditx.diffusion import DDPMObjective, sample
+
+    steps = pytest.importorskip("bench_steps")
+    torch.manual_seed(0)
+    ours = build_dit(depth=2, hidden_size=64, num_heads=4, patch_size=2, in_channels=1, num_classes=10).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    peer = steps.diffusers_dit(ours, (1, 8, 8))
+    objective = DDPMObjective()
+    scale = 100.0  # the "VAE" divides by it, so an untrained model's samples are not all clamped to 0 or 1
+    pipe = DiTPipeline(transformer=peer, vae=steps.pixel_space(scale),
+                       scheduler=DDIMScheduler.from_config(objective.make_scheduler("ddim", 3).config))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    labels = [0, 3, 9]
+    theirs = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=3,
+                  generator=torch.Generator().manual_seed(5), output_type="pt").images  # fmt: skip
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    mine = sample(ours, objective, (3, 1, 8, 8), scheduler="ddim", num_steps=3, y=torch.tensor(labels),
+                  null_class=ours.null_class, guidance_scale=3.0, noise=noise)  # fmt: skip
+    mine = (mine / scale / 2 + 0.5).clamp(0, 1)
+    assert 0.2 < ((theirs > 0) & (theirs < 1)).float().mean()  # not all clamped
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-4)
+
+
+def test_steps_benchmark_keeps_a_row_only_within_the_measured_tolerance():
+    steps = pytest.importorskip("bench_steps")
+    keys = [("fid", "lower"), ("class_accuracy", "higher")]
+    reference, seed1 = {"fid": 1.0, "class_accuracy": 0.95}, {"fid": 1.2, "class_accuracy": 0.948}
+    tol = steps.tolerances(reference, seed1, keys)
+    assert tol == pytest.approx({"fid": 0.4, "class_accuracy": 0.005})  # 2 x 0.2; 2 x 0.002 floored at 0.005
+    assert steps.keeps({"fid": 1.39, "class_accuracy": 0.946}, reference, tol, keys)
+    assert not steps.keeps({"fid": 1.41, "class_accuracy": 0.99}, reference, tol, keys)
+    assert not steps.keeps({"fid": 0.5, "class_accuracy": 0.944}, reference, tol, keys)
+    row = {"overrides": steps.overrides_for("flow-unipc", 8, [0.2, 0.8])}
+    assert steps.sampler_name(row) == ("flow-unipc", 8, [0.2, 0.8])

@@ -98,6 +98,19 @@ def test_eval_writes_metrics_and_protocol(tiny_run, tmp_path, monkeypatch):
     assert "digits" in protocol["metrics"]
 
 
+def test_eval_records_the_guidance_interval_and_network_evaluations(tiny_run, tmp_path, monkeypatch):
+    """DDIM at 4 steps visits t = 999, 749, 499, 249: with guidance over levels [0, 0.5] two steps
+    are guided (2 evaluations each) and two are not (1 each)."""
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "interval.json"
+    overrides = ["sample.num_steps=4", "sample.guidance_scale=2.0", "sample.guidance_interval=[0.0,0.5]"]
+    evaluate_run(tiny_run, overrides, out=out)
+    protocol = json.loads(out.read_text())["protocol"]
+    assert protocol["guidance_interval"] == [0.0, 0.5] and protocol["network_evaluations"] == 6
+    evaluate_run(tiny_run, overrides[:2], out=out)
+    assert json.loads(out.read_text())["protocol"]["network_evaluations"] == 8
+
+
 def test_sampling_a_model_directory_needs_a_matching_recipe(tiny_recipe, tmp_path):
     recipe = tiny_recipe()
     parts = build_components(recipe)

@@ -25,6 +25,8 @@ from ditx.registry import objectives
 
 __all__ = [
     "SCHEDULERS",
+    "VP_SCHEDULERS",
+    "FLOW_SCHEDULERS",
     "Objective",
     "DDPMObjective",
     "VPredictionObjective",
@@ -32,8 +34,14 @@ __all__ = [
     "beta_schedule_values",
 ]
 
-# Sampler names understood by ``Objective.make_scheduler`` / ``ditx.diffusion.sample``.
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "flow-euler")
+# Sampler names understood by ``Objective.make_scheduler`` / ``ditx.diffusion.sample``: for the
+# DDPM family (ε, v) ancestral DDPM, DDIM (η = 0), DPM-Solver++ 2M and UniPC (bh2, order 2); for
+# rectified flow Euler (which is DDIM η = 0 in flow form: x0 = x − σv, ε = x + (1−σ)v give the same
+# step), Heun (second order, two evaluations a step) and the multistep DPM-Solver++ 2M and UniPC
+# on flow sigmas (second order, one evaluation a step).
+VP_SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "unipc")
+FLOW_SCHEDULERS = ("flow-euler", "flow-heun", "flow-dpm-solver++", "flow-unipc")
+SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -193,7 +201,7 @@ class _VPObjective(Objective):
     ``scheduler_config``, so training and every DDPM-family scheduler share one schedule.
     """
 
-    schedulers = ("ddpm", "ddim", "dpm-solver++")
+    schedulers = VP_SCHEDULERS
     prediction_type = "epsilon"  # diffusers' name for what the model predicts
 
     def __init__(
@@ -238,7 +246,7 @@ class _VPObjective(Objective):
         return "fixed_small"
 
     def _scheduler(self, name: str, num_steps: int, device, shape=None):
-        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
         # Latents are not bounded to [-1, 1], so the predicted x0 is clipped only when asked
         # (``clip_sample=True``: pixel-space data in [-1, 1], ADM's clip_denoised).
@@ -256,16 +264,11 @@ class _VPObjective(Objective):
             # "trailing" starts at T-1 (pure noise).
             s = DDIMScheduler(**self.scheduler_config, clip_sample=clip, timestep_spacing="trailing")
         else:
-            s = DPMSolverMultistepScheduler(
-                **self.scheduler_config,
-                algorithm_type="dpmsolver++",
-                solver_order=2,
-                final_sigmas_type="zero",
-                # dynamic thresholding with ratio 1 clips x0 to [-1, 1] exactly
-                thresholding=clip,
-                dynamic_thresholding_ratio=1.0,
-                sample_max_value=1.0,
-            )
+            # dynamic thresholding with ratio 1 clips x0 to [-1, 1] exactly
+            threshold = dict(thresholding=clip, dynamic_thresholding_ratio=1.0, sample_max_value=1.0)
+            cls = DPMSolverMultistepScheduler if name == "dpm-solver++" else UniPCMultistepScheduler
+            extra = {"algorithm_type": "dpmsolver++"} if name == "dpm-solver++" else {"solver_type": "bh2"}
+            s = cls(**self.scheduler_config, solver_order=2, final_sigmas_type="zero", **threshold, **extra)
         s.set_timesteps(num_steps, device=device)
         return s
 
@@ -415,7 +418,7 @@ class RectifiedFlowObjective(Objective):
     """
 
     name = "rectified-flow"
-    schedulers = ("flow-euler",)
+    schedulers = FLOW_SCHEDULERS
     timestep_scale = 1.0  # FlowMatchEuler timesteps are already σ·1000
     num_train_timesteps = 1000
 
@@ -474,12 +477,41 @@ class RectifiedFlowObjective(Objective):
         return {"loss": mse, "mse": mse}
 
     def _scheduler(self, name: str, num_steps: int, device, shape=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        s = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=self.num_train_timesteps, shift=self.sample_shift * self.size_factor(shape)
+        from diffusers import (
+            DPMSolverMultistepScheduler,
+            FlowMatchEulerDiscreteScheduler,
+            FlowMatchHeunDiscreteScheduler,
+            UniPCMultistepScheduler,
         )
-        # Uniform σ grid 1 .. 1/num_steps (then shifted once by the scheduler, then σ=0 appended);
-        # the default grid would shift σ_min twice.
-        s.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps).tolist(), device=device)
+
+        shift = self.sample_shift * self.size_factor(shape)
+        # Every solver walks the same grid: σ uniform from 1 to 1/num_steps, shifted once, then 0.
+        grid = torch.from_numpy(np.linspace(1.0, 1.0 / num_steps, num_steps)).float()
+        shifted = self.shift_sigma(grid, shift)
+        if name == "flow-euler":
+            s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=shift)
+            # the scheduler shifts the given σ itself; its default grid would shift σ_min twice
+            s.set_timesteps(sigmas=grid.tolist(), device=device)
+            return s
+        if name == "flow-heun":
+            # Heun on each interval of the grid, an Euler step into σ = 0 (where Heun's second
+            # slope is undefined): 2·num_steps − 1 evaluations. diffusers' own grid runs to
+            # σ_min = 1/1000 and cannot be given, so its schedule is set to ditx's here, in
+            # the scheduler's layout (every inner σ twice: the end of one step, the start of the next).
+            s = FlowMatchHeunDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=shift)
+            s.set_timesteps(num_steps, device=device)
+            inner = shifted[1:].repeat_interleave(2)
+            s.sigmas = torch.cat([shifted[:1], inner, torch.zeros(1)])
+            s.timesteps = (torch.cat([shifted[:1], inner]) * self.num_train_timesteps).to(device)
+            return s
+        cls = DPMSolverMultistepScheduler if name == "flow-dpm-solver++" else UniPCMultistepScheduler
+        extra = {"algorithm_type": "dpmsolver++"} if name == "flow-dpm-solver++" else {"solver_type": "bh2"}
+        s = cls(num_train_timesteps=self.num_train_timesteps, use_flow_sigmas=True, prediction_type="flow_prediction",
+                flow_shift=shift, solver_order=2, final_sigmas_type="zero", **extra)  # fmt: skip
+        if name == "flow-unipc":  # it shifts the given σ itself and moves σ = 1 to 1 − 1e-6 (log(α/σ) finite)
+            s.set_timesteps(device=device, sigmas=grid.double().numpy())
+        else:  # DPM-Solver++ takes no σ: its grid is ditx's scaled by 1 − 1/1000 before the shift
+            s.set_timesteps(num_steps, device=device)
+        # Both store timesteps as int64 (σ·1000 truncated); the model is given the σ the solver steps from.
+        s.timesteps = (s.sigmas[:-1] * self.num_train_timesteps).float().to(device)
         return s

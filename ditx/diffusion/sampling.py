@@ -54,6 +54,8 @@ def sample(
     progress: bool = False,
     noise: Tensor | None = None,
     frames: tuple[Tensor, Tensor] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> Tensor:
     """Draw samples of ``shape`` = (B, C, *spatial) from ``model`` trained with ``objective``.
 
@@ -75,6 +77,13 @@ def sample(
             data ``clean`` (B, C, T, ...) and a (B, T) bool ``mask`` of the frames given. Those
             frames of the sample are ``clean``'s at every step and at the end; the model sees
             the mask (``frame_mask``), so it treats them as clean (as it was trained to).
+        guidance_interval: ``(low, high)`` noise levels, on the model's timestep scale divided by
+            1000 (σ for rectified flow, t/1000 for DDPM-family objectives; 1 is pure noise):
+            guidance only at steps whose level lies in [low, high]; elsewhere the model runs
+            once, on the condition alone (Kynkäänniemi et al. 2024, "Applying guidance in a
+            limited interval"). None: guidance at every step.
+        stats: a dict in which ``network_evaluations`` is set: model evaluations per sample (a
+            guided step counts 2, its conditional and unconditional rows).
 
     Returns:
         (B, C, *spatial) samples, in ``dtype`` on ``device``.
@@ -86,6 +95,7 @@ def sample(
     B = shape[0]
 
     guide = guidance_scale != 1.0
+    low, high = _interval(guidance_interval)
     uncond_model_kwargs = dict(uncond_model_kwargs or {})
     if guide:
         if y is None and not uncond_model_kwargs:
@@ -99,8 +109,7 @@ def sample(
         y = torch.as_tensor(y, device=device)
         if y.shape != (B,):
             raise ValueError(f"y must have shape ({B},) for a batch of {B}, got {tuple(y.shape)}")
-        if guide:
-            y = torch.cat([y, torch.full_like(y, null_class)])
+    y_guided = torch.cat([y, torch.full_like(y, null_class)]) if guide and y is not None else y
     model_kwargs = dict(model_kwargs or {})
     keep = None
     if frames is not None:
@@ -115,12 +124,11 @@ def sample(
     unknown = set(uncond_model_kwargs) - set(model_kwargs)
     if unknown:
         raise ValueError(f"uncond_model_kwargs {sorted(unknown)} have no conditional value in model_kwargs")
-    if guide:
-        model_kwargs = {
-            k: torch.cat([v, uncond_model_kwargs.get(k, v)])
-            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v
-            for k, v in model_kwargs.items()
-        }  # fmt: skip
+    guided_kwargs = {
+        k: torch.cat([v, uncond_model_kwargs.get(k, v)])
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v
+        for k, v in model_kwargs.items()
+    } if guide else model_kwargs  # fmt: skip
 
     if noise is None:
         gen_device = generator.device if generator is not None else device
@@ -132,24 +140,45 @@ def sample(
     # DDIM clips the predicted x0 but, by default, keeps stepping along the unclipped noise
     # prediction; re-deriving it from the clipped x0 (ADM/GLIDE) keeps the update consistent.
     step_kwargs = {"use_clipped_model_output": True} if _accepts(sched.step, "use_clipped_model_output") else {}
+    if _accepts(sched.step, "generator"):  # stochastic steps (DDPM, SDE solvers); UniPC has none
+        step_kwargs["generator"] = generator
     timesteps = sched.timesteps
     if progress:
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc=f"sampling ({scheduler})")
+    evaluations = 0
     for t in timesteps:
         if keep is not None:
             x = torch.where(keep, clean, x)
         x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-        x_in = torch.cat([x_in, x_in]) if guide else x_in  # (2B, C, *spatial): [cond, uncond]
-        t_model = objective.model_timestep(t.reshape(1)).to(device).expand(x_in.shape[0])
-        out = model(x_in, t_model, y, **model_kwargs)
-        if guide:
+        t_model = objective.model_timestep(t.reshape(1)).to(device)
+        guided = guide and low <= t_model.item() / 1000 <= high
+        if guided:  # (2B, C, *spatial): [cond, uncond]
+            out = model(torch.cat([x_in, x_in]), t_model.expand(2 * B), y_guided, **guided_kwargs)
             cond, uncond = out.chunk(2)
             out = apply_guidance(cond, uncond, guidance_scale, guided_channels)
+        else:
+            out = model(x_in, t_model.expand(B), y, **model_kwargs)
+        evaluations += 2 if guided else 1
         out = objective.model_output_to_scheduler(out, sched).to(dtype)
-        x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
+        x = sched.step(out, t, x, **step_kwargs).prev_sample
+    if stats is not None:
+        stats["network_evaluations"] = evaluations
     return x if keep is None else torch.where(keep, clean, x)
+
+
+def _interval(interval) -> tuple[float, float]:
+    if interval is None:
+        return 0.0, 1.0
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"guidance_interval must be [low, high] noise levels with 0 <= low <= high <= 1 "
+                         f"(1: pure noise), got {interval!r}")  # fmt: skip
+    return low, high
 
 
 def _accepts(fn, name: str) -> bool:
