@@ -112,8 +112,9 @@ def sampler_name(row: dict[str, Any]) -> tuple[str, int, list[float] | None]:
 
 
 def overrides_for(scheduler: str, steps: int, interval: list[float] | None) -> list[str]:
-    out = [f"sample.scheduler={scheduler}", f"sample.num_steps={steps}"]
-    return out + ([f"sample.guidance_interval=[{interval[0]},{interval[1]}]"] if interval is not None else [])
+    """Explicit about the interval (``null``: every step), whatever the run's recipe default is."""
+    where = "null" if interval is None else f"[{interval[0]},{interval[1]}]"
+    return [f"sample.scheduler={scheduler}", f"sample.num_steps={steps}", f"sample.guidance_interval={where}"]
 
 
 def quality_table(run: Path, args) -> dict[str, Any]:
@@ -130,18 +131,28 @@ def quality_table(run: Path, args) -> dict[str, Any]:
     tol = tolerances(ref["metrics"], ref_seed1["metrics"], keys)
     print("tolerances (2 x seed spread, floored): " + ", ".join(f"{k} {v:.4f}" for k, v in tol.items()))
     rows = []
-    for interval_text in args.intervals:
-        interval = parse_interval(interval_text)
-        for scheduler in schedulers:
-            if interval is not None and scheduler in ("ddim", "flow-euler") and not args.all_intervals:
-                continue  # the interval rows go with the second-order solvers
-            for steps in args.steps:
-                row = evaluate(run, overrides_for(scheduler, steps, interval))
-                row["keeps_reference_quality"] = keeps(row["metrics"], ref["metrics"], tol, keys)
-                rows.append(row)
-                print(f"  {scheduler:18s} {steps:3d} steps interval {interval_text:8s} NFE {row['nfe']:3d}  "
-                      + "  ".join(f"{k} {row['metrics'][k]:.4f}" for k, _ in keys)
-                      + ("  keeps" if row["keeps_reference_quality"] else ""))  # fmt: skip
+
+    def run_row(scheduler, steps, interval_text):
+        row = evaluate(run, overrides_for(scheduler, steps, parse_interval(interval_text)))
+        row["keeps_reference_quality"] = keeps(row["metrics"], ref["metrics"], tol, keys)
+        rows.append(row)
+        print(f"  {scheduler:18s} {steps:3d} steps interval {interval_text:8s} NFE {row['nfe']:3d}  "
+              + "  ".join(f"{k} {row['metrics'][k]:.4f}" for k, _ in keys)
+              + ("  keeps" if row["keeps_reference_quality"] else ""), flush=True)  # fmt: skip
+
+    for scheduler in schedulers:  # guidance at every step
+        for steps in args.steps:
+            run_row(scheduler, steps, "none")
+    # the intervals with the solver that kept the quality at the fewest evaluations (else the
+    # one closest to the reference at the most steps), rather than with every solver
+    kept = [r for r in rows if r["keeps_reference_quality"]]
+    pick = min(kept, key=lambda r: r["nfe"]) if kept else min(
+        (r for r in rows if sampler_name(r)[1] == max(args.steps)),
+        key=lambda r: sum(abs(r["metrics"][k] - ref["metrics"][k]) / max(tol[k], 1e-9) for k, _ in keys))  # fmt: skip
+    interval_scheduler = args.interval_scheduler or sampler_name(pick)[0]
+    for interval_text in (i for i in args.intervals if i != "none"):
+        for steps in args.steps:
+            run_row(interval_scheduler, steps, interval_text)
     kept = [r for r in rows if r["keeps_reference_quality"]]
     best = min(kept, key=lambda r: (r["nfe"], sampler_name(r)[1])) if kept else None
     header = ["sampler", "steps", "guidance over", "NFE / sample", *[f"{k} ({b})" for k, b in keys], "keeps 50-step"]
@@ -308,7 +319,9 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=STEPS)
     parser.add_argument("--schedulers", nargs="+", default=None, help="default: the objective's ODE solvers")
     parser.add_argument("--intervals", nargs="+", default=INTERVALS, help="'none' or 'low,high' noise levels")
-    parser.add_argument("--all-intervals", action="store_true", help="interval rows for first-order solvers too")
+    parser.add_argument("--interval-scheduler", default=None,
+                        help="the solver of the interval rows (default: the one that kept the 50-step quality "
+                             "at the fewest evaluations)")  # fmt: skip
     parser.add_argument("--peer", type=Path, default=None, help="a ddpm-objective run: the DiTPipeline row")
     parser.add_argument("--also", nargs="*", type=Path, default=[],
                         help="further runs for the DiTPipeline table, each at its fewest-NFE row of "

@@ -219,3 +219,33 @@ def test_a_moved_two_stage_run_samples_and_evaluates_from_anywhere(tiny_recipe, 
     out = sample_from(moved, num=2)
     assert (out / "grid.png").is_file()
     assert "class_accuracy" in evaluate_run(moved)
+
+
+def test_steps_benchmark_tables_samplers_by_network_evaluations_and_its_rows_are_ditx_eval(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    """benchmarks/bench_steps.py on a 2-step run guided at 2.0: the 50-step reference at two
+    seeds, then each sampler and interval; every row is `ditx eval RUN <its overrides>`."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("bench_steps", None)
+    import bench_steps
+
+    run = train(tiny_recipe(train={"steps": 2}, sample={"guidance_scale": 2.0},
+                            eval={"metrics": ["digits"], "num_samples": 20, "batch_size": 20}),
+                run_dir=tmp_path / "run")  # fmt: skip
+    args = SimpleNamespace(steps=[2], schedulers=["ddim", "unipc"], intervals=["none", "0.0,0.5"],
+                           interval_scheduler="unipc", out=tmp_path / "steps.json")  # fmt: skip
+    doc = bench_steps.quality_table(run, args)
+    assert doc["reference"]["nfe"] == 100 and doc["reference"]["overrides"][:2] == [
+        "sample.scheduler=ddim", "sample.num_steps=50"]  # fmt: skip
+    # DDIM and UniPC at 2 steps, guided throughout: 4; UniPC's t = 999, 500 with guidance over [0, 0.5]: 1 + 2
+    assert [(bench_steps.sampler_name(r), r["nfe"]) for r in doc["rows"]] == [
+        (("ddim", 2, None), 4), (("unipc", 2, None), 4), (("unipc", 2, [0.0, 0.5]), 3)]  # fmt: skip
+    assert set(doc["tolerances"]) == {"fid", "class_accuracy"}
+    assert json.loads((tmp_path / "steps.json").read_text())["rows"][2]["nfe"] == 3
+    again = evaluate_run(run, doc["rows"][2]["overrides"], out=tmp_path / "again.json")
+    assert again == doc["rows"][2]["metrics"]

@@ -541,10 +541,9 @@ def test_uint8_resize_matches_the_float_reference_to_one_grey_level(shape):
 
 
 def _clip_breaking_mid_stream(path, num_frames: int = 16, size: int = 32) -> str:
-    """An H.264 MP4 (index at the front) whose last quarter is overwritten with noise: it opens, its
-    length is right and its first frames decode, but decoding its last frames fails. (Not the
-    second half: decord's decoder reads packets ahead while decoding frame 0, and under load it
-    sometimes reached the noise there, so the probe already failed.)"""
+    """An H.264 MP4 (index at the front) that will break mid-stream: ``_break_tail`` overwrites
+    its last quarter with noise afterwards, so it opens, its length is right, and decoding its
+    last frames fails."""
     import av
 
     rng = np.random.default_rng(1)
@@ -557,11 +556,23 @@ def _clip_breaking_mid_stream(path, num_frames: int = 16, size: int = 32) -> str
             frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    data = bytearray(path.read_bytes())
-    start = 3 * len(data) // 4
-    data[start:] = rng.integers(0, 256, len(data) - start, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
     return str(path)
+
+
+def _break_tail(path: str) -> None:
+    """Overwrite the last quarter of ``path`` with noise, keeping its size and mtime: the folder's
+    video index (valid while both are unchanged) still holds the probe of the intact file, so
+    the clip is met broken mid-stream in training rather than at the scan. (Probing the broken
+    file itself was flaky: decord's decoder reads packets ahead while decoding frame 0, and under
+    load it sometimes reached the noise, so the scan left the clip out.)"""
+    before = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    start = 3 * len(data) // 4
+    data[start:] = np.random.default_rng(2).integers(0, 256, len(data) - start, dtype=np.uint8).tobytes()
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
 
 
 def test_a_clip_breaking_mid_stream_is_skipped_counted_named_and_counted_across_resume(
@@ -576,10 +587,6 @@ def test_a_clip_breaking_mid_stream_is_skipped_counted_named_and_counted_across_
     for i in range(8):
         coded_video(tmp_path / "clips" / f"good_{i}.mp4", 16)
     bad = _clip_breaking_mid_stream(tmp_path / "clips" / "bad.mp4")
-    reader = decord.VideoReader(bad)
-    assert len(reader) == 16 and reader[0].shape == (32, 32, 3)  # it opens and starts well ...
-    with pytest.raises(Exception):  # noqa: B017  (decord's own error type)
-        reader.get_batch([13, 14, 15])  # ... and breaks later
 
     def recipe(steps):  # 9 clips, global batch 3: the broken clip comes once an epoch (3 steps)
         return tiny_recipe(
@@ -589,6 +596,16 @@ def test_a_clip_breaking_mid_stream_is_skipped_counted_named_and_counted_across_
             train={"steps": steps, "batch_size": 3, "checkpoint_every": 3, "max_bad_samples": 1},
             sample={"num_steps": 2, "num_samples": 1, "batch_size": 1},
         )
+
+    from ditx.build import build_dataset
+
+    assert len(build_dataset(recipe(3))) == 9  # the scan indexes all 9 intact clips ...
+    _break_tail(bad)  # ... then one breaks
+    reader = decord.VideoReader(bad, num_threads=1)
+    assert len(reader) == 16  # it opens with its length ...
+    with pytest.raises(Exception):  # noqa: B017  (decord's own error type)
+        reader.get_batch([13, 14, 15])  # ... and breaks later
+    del reader
 
     run = tmp_path / "run"
     with caplog.at_level("WARNING", logger="ditx"):
