@@ -113,6 +113,10 @@ class TrainConfig:
     # frame conditioning: {image-to-video: p, extension: p, interpolation: p}, each sample's mask
     # kind drawn with these probabilities (the rest generate every frame); see ditx/diffusion/frames.py
     frame_masks: dict[str, float] | None = None
+    # class / caption dropout among the samples given frames (None: model.class_dropout_prob and
+    # caption_dropout_prob as for the rest); higher teaches the model to take what the given frames
+    # show, as when it samples from a frame for the null class
+    frame_mask_condition_dropout: float | None = None
     latent_cache: str | None = None  # folder written by `ditx cache-latents`; used when present
     output_dir: str = "runs"
 

@@ -383,10 +383,19 @@ class Trainer:
         if self.frame_masks:  # and the frame masks after those (image-to-video, extension, interpolation)
             mix, patch = self.frame_masks
             self.frame_mask_all = draw_frame_masks(mix, batch, shape[1], patch, g)
+            p = cfg.frame_mask_condition_dropout
+            if p is not None:  # a condition dropout of its own for the samples given frames
+                given, drop = self.frame_mask_all.any(1), torch.rand(batch, generator=g) < p
+                self.drop_all = torch.where(given, drop, self.drop_all)
+                self.caption_drop_all = torch.where(given, drop, self.caption_drop_all)
 
     def _frame_mask_mix(self, model) -> tuple[dict[str, float], int] | None:
         """(the checked mix, frames per token) when the recipe trains with frame masks, else None."""
         mix = check_frame_mask_mix(self.cfg.frame_masks)
+        p = self.cfg.frame_mask_condition_dropout
+        if p is not None and not (any(mix.values()) and 0.0 <= p <= 1.0):
+            raise ValueError(f"train.frame_mask_condition_dropout={p!r}: allowed a probability in [0, 1], "
+                             f"with train.frame_masks giving frames (got {self.cfg.frame_masks!r})")  # fmt: skip
         if not any(mix.values()):
             return None
         _, patch = model.time_axis("train.frame_masks")

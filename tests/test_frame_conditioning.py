@@ -330,3 +330,47 @@ def test_image_to_video_through_a_causal_vae_keeps_the_first_frames_own_latent(t
     assert not torch.allclose(z[:, :, 1:], alone.expand(2, -1, 2, -1, -1), atol=1e-2)  # the rest is generated
     assert samples.shape == (2, 3, 9, 24, 24)
     torch.testing.assert_close(samples[:, :, :1], reconstruction.expand(2, -1, -1, -1, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_frame_mask_condition_dropout_drops_the_class_of_the_samples_given_frames(tmp_path, monkeypatch):
+    """train.frame_mask_condition_dropout redraws the class dropout of the samples given frames
+    (1.0: all of them generate for the null class, 0.0: none) and leaves every other sample's
+    dropout as it is without the option (drawn after the other step randomness)."""
+    from test_modality_jobs import tiny
+
+    from ditx.diffusion.objectives import RectifiedFlowObjective
+    from ditx.pipeline import train_recipe
+
+    monkeypatch.setenv("DITX_CACHE", str(tmp_path / "cache"))
+    seen = []
+    original = RectifiedFlowObjective.loss
+
+    def spy(self, model, x0, **kwargs):
+        mk = kwargs["model_kwargs"]
+        seen.append((mk["frame_mask"].any(1), mk["force_drop"]))
+        return original(self, model, x0, **kwargs)
+
+    monkeypatch.setattr(RectifiedFlowObjective, "loss", spy)
+    data = {"name": "moving-digits", "root": str(tmp_path / "clips"), "num_frames": 4, "size": 24,
+            "num_clips_train": 16, "num_clips_test": 10}  # fmt: skip
+
+    def drops(name, p):
+        seen.clear()
+        train = {"steps": 3, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1, "seed": 3,
+                 "mixed_precision": "no", "output_dir": str(tmp_path / "runs"), "frame_masks": {"image-to-video": 0.5},
+                 "frame_mask_condition_dropout": p}  # fmt: skip
+        recipe = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 4, 4]}, train=train,
+                      model={"depth": 2, "hidden_size": 32, "num_heads": 2, "layout": "joint",
+                             "class_dropout_prob": 0.3})  # fmt: skip
+        train_recipe(recipe, run_dir=tmp_path / name)
+        return torch.cat([g for g, _ in seen]), torch.cat([d for _, d in seen])
+
+    given, base = drops("none", None)
+    assert 0 < given.sum() < len(given) and 0 < base.sum() < len(base)  # both kinds of sample, some dropped
+    for p, want in [(1.0, True), (0.0, False)]:
+        given_p, drop_p = drops(f"p{p}", p)
+        assert torch.equal(given_p, given)  # the same masks
+        assert bool(drop_p[given].all() if want else not drop_p[given].any())
+        assert torch.equal(drop_p[~given], base[~given])
+    with pytest.raises(ValueError, match=r"frame_mask_condition_dropout=1.5: allowed a probability in \[0, 1\]"):
+        drops("bad", 1.5)
