@@ -112,6 +112,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
             "guidance_scale": sample_cfg.guidance_scale,
             "guided_channels": sample_cfg.guided_channels,
             "guidance_interval": sample_cfg.guidance_interval,
+            "frame_guidance_scale": sample_cfg.frame_guidance_scale,  # samples given frames (eval.first_frame)
             "seed": cfg.seed,
             "reference": {"dataset": recipe.data.name, "size": len(reference)},
             **(evaluated[0] if len(evaluated) == 1 else {"evaluated": evaluated}),

@@ -114,6 +114,7 @@ def generate(
                 noise=noise[start:stop].to(device),
                 generator=torch.Generator(device).manual_seed(config.seed + 1 + start),
                 frames=None if given is None else tuple(v.expand(stop - start, *v.shape[1:]) for v in given),
+                frame_guidance_scale=1.0 if given is None else config.frame_guidance_scale,
             )  # fmt: skip
             x = parts.autoencoder.decode(z.float())
         out.append(x.float().cpu())

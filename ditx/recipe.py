@@ -130,6 +130,9 @@ class SampleConfig:
     # [low, high]: guidance only at noise levels (σ for rectified flow, t/1000 for DDPM) in it,
     # one conditional evaluation elsewhere; None: at every step
     guidance_interval: list[float] | None = None
+    # samples given frames (image-to-video, extension, interpolation): guidance towards the given
+    # frames against the model without them (1: none); see docs/video.md
+    frame_guidance_scale: float = 1.0
     num_samples: int = 16
     batch_size: int = 16
     use_ema: bool = True

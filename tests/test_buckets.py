@@ -523,7 +523,9 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
     asked, generate = [], evaluate_module.generate
 
     def recording_generate(*args, **kwargs):
-        asked.append((kwargs.get("labels"), kwargs["config"].guidance_scale, kwargs.get("frames") is not None))
+        config = kwargs["config"]
+        asked.append((kwargs.get("labels"), config.guidance_scale, kwargs.get("frames") is not None,
+                      config.frame_guidance_scale))  # fmt: skip
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "generate", recording_generate)
@@ -534,7 +536,8 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
     try:
         recipe = _bucket_recipe(clips, tmp_path, buckets, train={"steps": 1, "checkpoint_every": 1},
                                 eval={"metrics": [judge.name], "num_samples": 3, "batch_size": 3, "first_frame": True},
-                                sample={"scheduler": "flow-euler", "num_steps": 2, "guidance_scale": 4.0},
+                                sample={"scheduler": "flow-euler", "num_steps": 2, "guidance_scale": 4.0,
+                                        "frame_guidance_scale": 3.0},
                                 tokenizer={"name": "tubelet", "patch_size": [1, 4, 4]})  # a frame alone can be given
         results = evaluate_run(train(recipe, run_dir=tmp_path / "run"))
     finally:
@@ -544,9 +547,12 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
     evaluated = doc["protocol"]["evaluated"]
     assert [(e["bucket"], e["conditioning"]) for e in evaluated] == [
         ("8x16x24", None), ("8x16x24", "first_frame"), ("4x24x16", None), ("4x24x16", "first_frame")]  # fmt: skip
-    # plain samples: the classes, guided; first-frame ones: the null class, unguided, with frames
+    # plain samples: the classes, guided; first-frame ones: the null class, class guidance off, guided
+    # towards the frames instead (2 evaluations a step either way)
     null = {2}  # the clips folder has 2 classes, the null class is the next index
-    for (labels, guidance, framed), e in zip(asked, evaluated):
+    assert doc["protocol"]["frame_guidance_scale"] == 3.0
+    for (labels, guidance, framed, frame_guidance), e in zip(asked, evaluated):
+        assert frame_guidance == 3.0 and e["network_evaluations"] == 4
         if e["conditioning"] is None:
             assert (guidance, framed) == (4.0, False) and labels is None  # generate draws the classes itself
         else:

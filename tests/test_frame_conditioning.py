@@ -374,3 +374,69 @@ def test_frame_mask_condition_dropout_drops_the_class_of_the_samples_given_frame
         assert torch.equal(drop_p[~given], base[~given])
     with pytest.raises(ValueError, match=r"frame_mask_condition_dropout=1.5: allowed a probability in \[0, 1\]"):
         drops("bad", 1.5)
+
+
+# --- frame guidance: towards the given frames, against the model without them -------------
+
+
+def frame_guidance_model(null):
+    """Velocity 2 where the row is given frames, plus 1 for a real label: each branch's own constant."""
+    calls = []
+
+    def model(x, t, y=None, frame_mask=None):
+        calls.append((x.clone(), t.clone(), None if y is None else y.clone(), frame_mask.clone()))
+        v = 2.0 * frame_mask.any(1).float() + (0.0 if y is None else (y != null).float())
+        return v.view(-1, 1, 1, 1, 1).expand_as(x).clone()
+
+    return model, calls
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_frame_guidance_against_the_model_without_the_given_frames(guidance_scale):
+    """Flow Euler over σ = 1 .. 0: the generated frames move by the guided velocity in all. Frame
+    guidance alone: without frames (0 + label) + s_f·(2 + label − label); with class guidance too
+    (InstructPix2Pix's order): without frames and label (0) + s_f·(2 − 0) + s·(3 − 2). The branch
+    without frames sees no mask and its given frames noised to the step's σ with the initial noise."""
+    null, s_f, steps = 5, 4.0, 4
+    model, calls = frame_guidance_model(null)
+    g = torch.Generator().manual_seed(7)
+    clean, noise = torch.randn(2, 1, 3, 2, 2, generator=g), torch.randn(2, 1, 3, 2, 2, generator=g)
+    mask = torch.tensor([[True, False, False], [True, False, True]])
+    y = torch.tensor([1, 2])
+    stats = {}
+    out = sample(model, RectifiedFlowObjective(), noise.shape, scheduler="flow-euler", num_steps=steps, y=y,
+                 null_class=null, guidance_scale=guidance_scale, frame_guidance_scale=s_f, noise=noise,
+                 frames=(clean, mask), stats=stats)  # fmt: skip
+    guided = 1 + s_f * 2 if guidance_scale == 1.0 else s_f * 2 + guidance_scale * 1
+    frames_of = lambda v, m: v.transpose(1, 2)[m]  # noqa: E731
+    torch.testing.assert_close(frames_of(out, ~mask), frames_of(noise - guided, ~mask))
+    assert torch.equal(frames_of(out, mask), frames_of(clean, mask))
+    branches = 2 if guidance_scale == 1.0 else 3
+    assert stats["network_evaluations"] == branches * steps
+    for x, t, labels, frame_mask in calls:
+        assert len(x) == 2 * branches
+        expected_labels = [1, 2, 1, 2] if guidance_scale == 1.0 else [1, 2, null, null, null, null]
+        assert labels.tolist() == expected_labels
+        assert torch.equal(frame_mask[: 2 * branches - 2], mask.repeat(branches - 1, 1)) and not frame_mask[-2:].any()
+        sigma = t[0] / 1000
+        free = x[-2:]
+        torch.testing.assert_close(frames_of(free, mask), frames_of((1 - sigma) * clean + sigma * noise, mask))
+        assert torch.equal(frames_of(x[:2], mask), frames_of(clean, mask))
+    with pytest.raises(ValueError, match="frame_guidance_scale=4.0 guides towards given frames: pass frames"):
+        sample(model, RectifiedFlowObjective(), noise.shape, scheduler="flow-euler", num_steps=1,
+               frame_guidance_scale=4.0)
+
+
+def test_noised_is_the_training_noise_level():
+    """The frames without a mask see what training shows at that level: (1 − σ)·x0 + σ·ε for rectified
+    flow, and for the DDPM family what diffusers' DDPMScheduler.add_noise gives at the same step."""
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    t = torch.tensor([0.0, 420.0, 999.0])
+    sigma = (t / 1000).view(3, 1, 1)
+    torch.testing.assert_close(RectifiedFlowObjective().noised(x0, eps, t), (1 - sigma) * x0 + sigma * eps)
+    objective = DDPMObjective()
+    reference = DDPMScheduler(**objective.scheduler_config).add_noise(x0, eps, t.long())
+    torch.testing.assert_close(objective.noised(x0, eps, t), reference)

@@ -168,6 +168,11 @@ class Objective:
         """The part of the model output ``scheduler.step`` expects (all channels by default)."""
         return out
 
+    def noised(self, x0: Tensor, noise: Tensor, t_model: Tensor) -> Tensor:
+        """x0 taken forward to the noise level of the model timestep ``t_model`` (B,) (as
+        ``model_timestep`` gives it) with ``noise``: what the model sees there in training."""
+        raise NotImplementedError
+
     def _predict(self, model, x_t: Tensor, t: Tensor, y: Tensor | None, model_kwargs) -> Tensor:
         """Run the model and check its output shape; float32 even under bf16 autocast."""
         out = model(x_t, t, y, **(model_kwargs or {}))
@@ -240,6 +245,9 @@ class _VPObjective(Objective):
         a = self._at(self.sqrt_alphas_cumprod, t, x0)
         b = self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return a * x0 + b * noise, a, b
+
+    def noised(self, x0: Tensor, noise: Tensor, t_model: Tensor) -> Tensor:
+        return self._noised(x0, noise, t_model.round().long())[0].to(x0.dtype)
 
     @property
     def variance_type(self) -> str:
@@ -475,6 +483,10 @@ class RectifiedFlowObjective(Objective):
         out = self._predict(model, x_t, sigma.float() * self.num_train_timesteps, y, model_kwargs)
         mse = mean_flat(((noise - x0).float() - out) ** 2, keep)
         return {"loss": mse, "mse": mse}
+
+    def noised(self, x0: Tensor, noise: Tensor, t_model: Tensor) -> Tensor:
+        s = _broadcast(t_model.float() / self.num_train_timesteps, x0).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
 
     def _scheduler(self, name: str, num_steps: int, device, shape=None):
         from diffusers import (

@@ -56,6 +56,7 @@ def sample(
     frames: tuple[Tensor, Tensor] | None = None,
     guidance_interval: tuple[float, float] | None = None,
     stats: dict[str, float] | None = None,
+    frame_guidance_scale: float = 1.0,
 ) -> Tensor:
     """Draw samples of ``shape`` = (B, C, *spatial) from ``model`` trained with ``objective``.
 
@@ -109,7 +110,6 @@ def sample(
         y = torch.as_tensor(y, device=device)
         if y.shape != (B,):
             raise ValueError(f"y must have shape ({B},) for a batch of {B}, got {tuple(y.shape)}")
-    y_guided = torch.cat([y, torch.full_like(y, null_class)]) if guide and y is not None else y
     model_kwargs = dict(model_kwargs or {})
     keep = None
     if frames is not None:
@@ -124,11 +124,17 @@ def sample(
     unknown = set(uncond_model_kwargs) - set(model_kwargs)
     if unknown:
         raise ValueError(f"uncond_model_kwargs {sorted(unknown)} have no conditional value in model_kwargs")
-    guided_kwargs = {
-        k: torch.cat([v, uncond_model_kwargs.get(k, v)])
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v
-        for k, v in model_kwargs.items()
-    } if guide else model_kwargs  # fmt: skip
+    frame_guide = frame_guidance_scale != 1.0
+    if frame_guide and frames is None:
+        raise ValueError(f"frame_guidance_scale={frame_guidance_scale} guides towards given frames: pass frames")
+    # the branches a step may run, each (labels, model inputs): conditional, unconditional (class
+    # or caption dropped) and, for frame guidance, without the given frames
+    cond_branch = (y, model_kwargs)
+    uncond_branch = (None if y is None else torch.full_like(y, null_class), {**model_kwargs, **uncond_model_kwargs}) \
+        if guide else None  # fmt: skip
+    if frame_guide:  # frames dropped: no frame mask, under the condition the frame direction is taken at
+        base_y, base_kwargs = uncond_branch if guide else cond_branch
+        free_branch = (base_y, {**base_kwargs, "frame_mask": torch.zeros_like(frame_mask)})
 
     if noise is None:
         gen_device = generator.device if generator is not None else device
@@ -136,6 +142,7 @@ def sample(
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise shape {tuple(noise.shape)} must equal shape {tuple(shape)}")
     x = noise.to(device=device, dtype=dtype) * getattr(sched, "init_noise_sigma", 1.0)
+    start = noise.to(device=device, dtype=dtype)  # the given frames' noise, for frame guidance
 
     # DDIM clips the predicted x0 but, by default, keeps stepping along the unclipped noise
     # prediction; re-deriving it from the clipped x0 (ADM/GLIDE) keeps the update consistent.
@@ -154,18 +161,44 @@ def sample(
         x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         t_model = objective.model_timestep(t.reshape(1)).to(device)
         guided = guide and low <= t_model.item() / 1000 <= high
-        if guided:  # (2B, C, *spatial): [cond, uncond]
-            out = model(torch.cat([x_in, x_in]), t_model.expand(2 * B), y_guided, **guided_kwargs)
-            cond, uncond = out.chunk(2)
-            out = apply_guidance(cond, uncond, guidance_scale, guided_channels)
-        else:
-            out = model(x_in, t_model.expand(B), y, **model_kwargs)
-        evaluations += 2 if guided else 1
+        frame_guided = frame_guide and low <= t_model.item() / 1000 <= high
+        inputs = [(x_in, *cond_branch)]
+        if guided:
+            inputs.append((x_in, *uncond_branch))
+        if frame_guided:  # the given frames as the model saw them in training without a mask: noised to this level
+            free = torch.where(keep, objective.noised(clean, start, t_model.expand(B)), x)
+            free = sched.scale_model_input(free, t) if hasattr(sched, "scale_model_input") else free
+            inputs.append((free, *free_branch))
+        outs = _run_branches(model, inputs, t_model, B).chunk(len(inputs))
+        out = outs[0]
+        if guided and frame_guided:  # InstructPix2Pix's order: frames against none, then the condition
+            out = apply_guidance(outs[1], outs[2], frame_guidance_scale, guided_channels)
+            out = out + apply_guidance(outs[0], outs[1], guidance_scale, guided_channels) - outs[1]
+        elif guided:
+            out = apply_guidance(outs[0], outs[1], guidance_scale, guided_channels)
+        elif frame_guided:
+            out = apply_guidance(outs[0], outs[1], frame_guidance_scale, guided_channels)
+        evaluations += len(inputs)
         out = objective.model_output_to_scheduler(out, sched).to(dtype)
         x = sched.step(out, t, x, **step_kwargs).prev_sample
     if stats is not None:
         stats["network_evaluations"] = evaluations
     return x if keep is None else torch.where(keep, clean, x)
+
+
+def _run_branches(model, inputs, t_model: Tensor, B: int) -> Tensor:
+    """One model call on the branches stacked along the batch: [(x, y, kwargs), ...] -> (n·B, ...).
+    Tensors of the kwargs with a first dim of B are stacked; the rest are shared."""
+    if len(inputs) == 1:
+        x, y, kwargs = inputs[0]
+        return model(x, t_model.expand(B), y, **kwargs)
+    xs = torch.cat([x for x, _, _ in inputs])
+    ys = None if inputs[0][1] is None else torch.cat([y for _, y, _ in inputs])
+    kwargs = {
+        k: torch.cat([kw[k] for _, _, kw in inputs]) if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v
+        for k, v in inputs[0][2].items()
+    }  # fmt: skip
+    return model(xs, t_model.expand(len(xs)), ys, **kwargs)
 
 
 def _interval(interval) -> tuple[float, float]:
