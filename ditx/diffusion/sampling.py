@@ -85,6 +85,13 @@ def sample(
             limited interval"). None: guidance at every step.
         stats: a dict in which ``network_evaluations`` is set: model evaluations per sample (a
             guided step counts 2, its conditional and unconditional rows).
+        frame_guidance_scale: with ``frames``, guidance towards the given frames (1: off): a
+            branch without them (no ``frame_mask``, the given frames noised to the step's level
+            with the initial ``noise``, as training shows a clip without a mask) is the baseline
+            the generated frames are pushed away from, under the class or caption the direction
+            is taken at (the sample's own without class guidance; with it, InstructPix2Pix's
+            order: none -> frames -> frames and condition, 3 evaluations). Steps outside
+            ``guidance_interval`` run without it.
 
     Returns:
         (B, C, *spatial) samples, in ``dtype`` on ``device``.
