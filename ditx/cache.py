@@ -89,7 +89,7 @@ def cache_latents(
     progress_path = out / "progress.json"  # fingerprint of the shards written so far
     if index_path.is_file():
         kind, got = "latent cache", json.loads(index_path.read_text()).get("fingerprint")
-        if got == fp:
+        if not fingerprint_difference(fp, got):
             logger.info("latent cache %s is complete and matches the recipe", out)
             _cache_captions(recipe, out, device)
             return out
@@ -97,7 +97,7 @@ def cache_latents(
         kind, got = "partial latent cache", json.loads(progress_path.read_text())
     else:
         kind, got = None, fp
-    if got != fp:
+    if fingerprint_difference(fp, got):
         claim_output_folder(out, overwrite=overwrite, what=f"a {kind} for other settings",
                             holds=f"differs in: {', '.join(fingerprint_difference(fp, got))}")  # fmt: skip
     elif kind is None:

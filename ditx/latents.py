@@ -68,9 +68,20 @@ def fingerprint(recipe: Recipe, dataset: Dataset, latent_shape: tuple[int, ...],
 
 
 def fingerprint_difference(expected: dict[str, Any], got: dict[str, Any] | None) -> list[str]:
-    """The keys on which two fingerprints differ, sorted."""
+    """The keys on which two fingerprints differ, sorted.
+
+    Where the autoencoder's weights are hashed and equal, its ``pretrained`` path is only where
+    they were read from: a run moved or copied elsewhere (its autoencoder with it) keeps its cache.
+    """
     got = got or {}
-    return sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    differ = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    weights = expected.get("autoencoder_weights")
+    if "autoencoder" in differ and weights is not None and weights == got.get("autoencoder_weights"):
+        located = [{k: v for k, v in dict(f.get("autoencoder") or {}).items() if k != "pretrained"}
+                   for f in (expected, got)]  # fmt: skip
+        if located[0] == located[1]:
+            differ.remove("autoencoder")
+    return differ
 
 
 class CachedLatents(Dataset):
@@ -193,8 +204,8 @@ def maybe_cached_dataset(recipe: Recipe, parts: Any) -> Dataset:
     index = json.loads(index_path.read_text())
     expected = fingerprint(recipe, parts.dataset, parts.latent_shape, parts.autoencoder)
     got = index.get("fingerprint", {})
-    if got != expected:
-        differ = fingerprint_difference(expected, got)
+    differ = fingerprint_difference(expected, got)
+    if differ:
         raise StaleCacheError(
             f"latent cache {root} does not match the recipe (differs in: {', '.join(differ)}; "
             f"cache has {[got.get(k) for k in differ]}, recipe needs {[expected.get(k) for k in differ]}). "

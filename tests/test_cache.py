@@ -161,3 +161,20 @@ def test_caching_never_builds_the_dit(tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(ditx.build, "build_model", no_model)
     out = cache_latents(tiny_recipe(data={"split": "test"}), out=tmp_path / "cache")
     assert json.loads((out / "index.json").read_text())["fingerprint"]["num_items"] == 355
+
+
+def test_a_moved_autoencoder_with_the_same_weights_keeps_the_cache():
+    """A run copied or moved elsewhere reads its autoencoder from a new path: the weights' hash says
+    they are the same, so the cache stays valid; other weights, or another setting, do not."""
+    from ditx.latents import fingerprint_difference
+
+    cached = {"autoencoder": {"name": "framewise-vae", "pretrained": "/old/run/autoencoder", "chunk_size": 256},
+              "autoencoder_weights": "ab12", "latent_shape": [4, 8, 8, 8]}  # fmt: skip
+    moved = {**cached, "autoencoder": {**cached["autoencoder"], "pretrained": "/new/run/autoencoder"}}
+    assert fingerprint_difference(moved, cached) == []
+    retrained = {**moved, "autoencoder_weights": "cd34"}
+    assert fingerprint_difference(retrained, cached) == ["autoencoder", "autoencoder_weights"]
+    other = {**moved, "autoencoder": {**moved["autoencoder"], "chunk_size": 16}}
+    assert fingerprint_difference(other, cached) == ["autoencoder"]
+    unhashed = {**moved, "autoencoder_weights": None}
+    assert fingerprint_difference(unhashed, {**cached, "autoencoder_weights": None}) == ["autoencoder"]
