@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ditx.build import run_relative
+from ditx.build import RUN, resolve_run_paths, run_relative
 from ditx.files import atomic_write
 from ditx.recipe import Recipe
 from ditx.train import Trainer, first_stage_pending
@@ -24,7 +24,18 @@ logger = logging.getLogger("ditx.train")
 
 def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
                  overwrite: bool = False) -> Path:  # fmt: skip
-    """Every stage of ``recipe`` into one run folder; returns it (arguments as ``ditx.train.train``)."""
+    """Every stage of ``recipe`` into one run folder; returns it (arguments as ``ditx.train.train``).
+
+    A run's own ``config.yaml`` names what the run holds relative to it (``${run}/autoencoder``):
+    those paths are taken in ``run_dir``, so ``ditx train RUN/config.yaml --run-dir RUN --resume``
+    continues a run wherever it has moved."""
+    held = [v for v in (recipe.autoencoder.args.get("pretrained"), recipe.train.latent_cache)
+            if isinstance(v, str) and v.startswith(RUN)]  # fmt: skip
+    if held and run_dir is None:
+        raise ValueError(f"the recipe refers to a run's own files ({', '.join(held)}): it is a run's config.yaml; "
+                         f"pass that run's folder as --run-dir (with --resume to continue it)")  # fmt: skip
+    if held:
+        resolve_run_paths(recipe, Path(run_dir))
     trainer = Trainer(recipe, run_dir, resume=resume, overwrite=overwrite)  # the run folder, claimed
     if first_stage_pending(recipe):
         first_stage(recipe, trainer.run_dir, trainer.accelerator)

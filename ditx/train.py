@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ditx.build import build_components
+from ditx.build import build_components, run_relative
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
@@ -228,8 +228,8 @@ class Trainer:
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_write(self.run_dir / "config.yaml") as tmp:
-                tmp.write_text(recipe.to_yaml())
+            with atomic_write(self.run_dir / "config.yaml") as tmp:  # what it holds, relative to it
+                tmp.write_text(run_relative(recipe, self.run_dir).to_yaml())
             _setup_file_logging(self.run_dir / "train.log")
         accelerator.wait_for_everyone()
 

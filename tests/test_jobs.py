@@ -15,6 +15,7 @@ from ditx.evaluate import evaluate_run
 from ditx.files import OutputExistsError
 from ditx.generation import generate
 from ditx.pipeline import train_recipe
+from ditx.recipe import load_recipe
 from ditx.sample import sample_from
 from ditx.train import train
 
@@ -219,6 +220,12 @@ def test_a_moved_two_stage_run_samples_and_evaluates_from_anywhere(tiny_recipe, 
     out = sample_from(moved, num=2)
     assert (out / "grid.png").is_file()
     assert "class_accuracy" in evaluate_run(moved)
+    # and it continues training there from its own config.yaml, with the autoencoder it holds
+    again = train_recipe(load_recipe(moved / "config.yaml", ["train.steps=3"]), run_dir=moved, resume=True)
+    assert again == moved and (moved / "checkpoints" / "step_00000003").is_dir()
+    assert "${run}/autoencoder" in (moved / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"refers to a run's own files \(\$\{run\}/autoencoder\).*--run-dir"):
+        train_recipe(load_recipe(moved / "config.yaml"))
 
 
 def test_steps_benchmark_tables_samplers_by_network_evaluations_and_its_rows_are_ditx_eval(
