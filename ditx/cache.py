@@ -97,9 +97,10 @@ def cache_latents(
         kind, got = "partial latent cache", json.loads(progress_path.read_text())
     else:
         kind, got = None, fp
-    if fingerprint_difference(fp, got):
+    differ = fingerprint_difference(fp, got)
+    if differ:
         claim_output_folder(out, overwrite=overwrite, what=f"a {kind} for other settings",
-                            holds=f"differs in: {', '.join(fingerprint_difference(fp, got))}")  # fmt: skip
+                            holds=f"differs in: {', '.join(differ)}")  # fmt: skip
     elif kind is None:
         claim_output_folder(out, overwrite=overwrite, what="files that are not a latent cache")
     out.mkdir(parents=True, exist_ok=True)

@@ -31,10 +31,11 @@ def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, resume: bool
     continues a run wherever it has moved."""
     held = [v for v in (recipe.autoencoder.args.get("pretrained"), recipe.train.latent_cache)
             if isinstance(v, str) and v.startswith(RUN)]  # fmt: skip
-    if held and run_dir is None:
-        raise ValueError(f"the recipe refers to a run's own files ({', '.join(held)}): it is a run's config.yaml; "
-                         f"pass that run's folder as --run-dir (with --resume to continue it)")  # fmt: skip
     if held:
+        if run_dir is None:
+            raise ValueError(f"the recipe refers to a run's own files ({', '.join(held)}): it is a run's "
+                             f"config.yaml; pass that run's folder as --run-dir (with --resume to continue "
+                             f"it)")  # fmt: skip
         resolve_run_paths(recipe, Path(run_dir))
     trainer = Trainer(recipe, run_dir, resume=resume, overwrite=overwrite)  # the run folder, claimed
     if first_stage_pending(recipe):

@@ -148,8 +148,9 @@ def sample(
         noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise shape {tuple(noise.shape)} must equal shape {tuple(shape)}")
-    x = noise.to(device=device, dtype=dtype) * getattr(sched, "init_noise_sigma", 1.0)
-    start = noise.to(device=device, dtype=dtype)  # the given frames' noise, for frame guidance
+    start = noise.to(device=device, dtype=dtype)  # also the given frames' noise, for frame guidance
+    x = start * getattr(sched, "init_noise_sigma", 1.0)
+    scaled = sched.scale_model_input if hasattr(sched, "scale_model_input") else lambda v, t: v
 
     # DDIM clips the predicted x0 but, by default, keeps stepping along the unclipped noise
     # prediction; re-deriving it from the clipped x0 (ADM/GLIDE) keeps the update consistent.
@@ -165,17 +166,16 @@ def sample(
     for t in timesteps:
         if keep is not None:
             x = torch.where(keep, clean, x)
-        x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        x_in = scaled(x, t)
         t_model = objective.model_timestep(t.reshape(1)).to(device)
-        guided = guide and low <= t_model.item() / 1000 <= high
-        frame_guided = frame_guide and low <= t_model.item() / 1000 <= high
+        in_interval = low <= t_model.item() / 1000 <= high
+        guided, frame_guided = guide and in_interval, frame_guide and in_interval
         inputs = [(x_in, *cond_branch)]
         if guided:
             inputs.append((x_in, *uncond_branch))
         if frame_guided:  # the given frames as the model saw them in training without a mask: noised to this level
             free = torch.where(keep, objective.noised(clean, start, t_model.expand(B)), x)
-            free = sched.scale_model_input(free, t) if hasattr(sched, "scale_model_input") else free
-            inputs.append((free, *free_branch))
+            inputs.append((scaled(free, t), *free_branch))
         outs = _run_branches(model, inputs, t_model, B).chunk(len(inputs))
         out = outs[0]
         if guided and frame_guided:  # InstructPix2Pix's order: frames against none, then the condition
