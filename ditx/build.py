@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,24 @@ def build_components(
         parts.sample_data_shape = tuple(sample_shape)
         parts.sample_latent_shape = tuple(autoencoder.latent_shape(sample_shape))
     return parts
+
+
+def lr_lambda(warmup_steps: int, total_steps: int | None = None, schedule: str = "constant"):
+    """The learning-rate factor at each optimizer step (``torch.optim.lr_scheduler.LambdaLR``): linear
+    warmup over ``warmup_steps``, then ``constant`` 1, or ``cosine`` from 1 down to 0 at ``total_steps``."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+        raise ValueError(f"a cosine lr_schedule needs more steps than warmup_steps={warmup_steps}, got {total_steps}")
+
+    def factor(step: int) -> float:  # step: optimizer steps taken so far
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))))
+
+    return factor
 
 
 def build_metric(spec: str | dict[str, Any]):

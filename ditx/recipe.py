@@ -95,6 +95,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    # constant after the warmup (DiT), or cosine down to zero at ``steps`` (a resumed run with other
+    # steps follows the new curve from where it is)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float | None = None
     grad_accum: int = 1
     # split each clip's tokens over this many processes (ditx.parallel, DeepSpeed-Ulysses); the
@@ -173,6 +176,9 @@ class AutoencoderTrainConfig:
     true`` they are encoded once into ``<run>/latents`` (or ``train.latent_cache``) first.
     ``frames_per_clip`` (video, framewise autoencoders): each training clip gives that many
     of its frames, drawn at random, so a step of the same cost sees more clips (0 = all).
+    ``lr_schedule``: ``constant`` after ``warmup_steps`` of linear warmup, or ``cosine``:
+    from there down to zero at the last step, so the weights saved are not those of one
+    noisy step at the full learning rate.
     """
 
     steps: int = 1000
@@ -187,6 +193,8 @@ class AutoencoderTrainConfig:
     first_stage: bool = False
     cache_latents: bool = False
     frames_per_clip: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
 
 
 @dataclass

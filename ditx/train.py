@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ditx.build import build_components, run_relative
+from ditx.build import build_components, lr_lambda, run_relative
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
@@ -149,10 +149,6 @@ def _stopped(error: type[NonFiniteError], what: str, step: int, detail: str, las
     )
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
 def first_stage_pending(recipe: Recipe) -> bool:
     """A two-stage recipe (``autoencoder_train.first_stage``) whose autoencoder is not trained yet."""
     return recipe.autoencoder_train.first_stage and not recipe.autoencoder.args.get("pretrained")
@@ -261,7 +257,8 @@ class Trainer:
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         self.ema.model.to(accelerator.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
+        schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block
             model.compile_blocks()
         # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would

@@ -74,7 +74,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     from torch.utils.data import DataLoader, Subset, default_collate
     from tqdm.auto import tqdm
 
-    from ditx.build import build_autoencoder, build_dataset
+    from ditx.build import build_autoencoder, build_dataset, lr_lambda
     from ditx.files import atomic_write
     from ditx.writers import writer_for
 
@@ -139,6 +139,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     ae.trainable()
     params = [p for p in ae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     noise = torch.Generator(device).manual_seed(cfg.seed + 1)  # posterior samples
@@ -181,12 +182,14 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            schedule.step()
             step += 1
             progress.update(1)
             for k, v in terms.items():
                 window.setdefault(k, []).append(float(v.detach()))
             if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items()}}
+                record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items()},
+                          "lr": schedule.get_last_lr()[0]}  # fmt: skip
                 log.append(record)
                 shown = {k: f"{record[k]:.4g}" for k in ("loss", "mse", "iou") if k in record}
                 progress.set_postfix(**shown)
@@ -211,7 +214,8 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
         "autoencoder": recipe.autoencoder.to_dict(),
         "data": recipe.data.to_dict(),
         "autoencoder_train": {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "kl_weight",
-                                                           "mixed_precision", "seed", "frames_per_clip")},
+                                                           "mixed_precision", "seed", "frames_per_clip",
+                                                           "lr_schedule", "warmup_steps")},
         "precision": precision,  # what mixed_precision (auto) resolved to on this machine
         "recipe": recipe.name or recipe.source,
     }  # fmt: skip

@@ -5,6 +5,7 @@ digits): nothing is downloaded.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -267,6 +268,35 @@ def test_train_autoencoder_on_digits_writes_a_loadable_vae(tmp_path, one_thread)
     with pytest.raises(FileExistsError, match="--overwrite"):
         train_autoencoder(recipe)
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_lr_lambda_warms_up_then_holds_or_follows_the_cosine():
+    from ditx.build import lr_lambda
+
+    constant = lr_lambda(4)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_lambda(0)(0) == 1.0
+    cosine = lr_lambda(2, 12, "cosine")  # warmup 2, then 10 steps of 0.5 (1 + cos(pi k / 10))
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(11)]
+    assert [cosine(s) for s in range(13)] == pytest.approx(expected)
+    assert cosine(7) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="'constant' or 'cosine', got 'linear'"):
+        lr_lambda(0, 10, "linear")
+    with pytest.raises(ValueError, match="more steps than warmup_steps=10, got 10"):
+        lr_lambda(10, 10, "cosine")
+
+
+def test_train_autoencoder_follows_its_lr_schedule(tmp_path, one_thread):
+    recipe = digits_recipe(tmp_path, steps=20, lr_schedule="cosine", warmup_steps=5, log_every=5)
+    out = train_autoencoder(recipe)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # the rate after each logged step: 2e-3 at the warmup's end, half way down the cosine, then zero
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 15)) for k in (0, 5, 10, 15)]
+    assert [r["lr"] for r in log] == pytest.approx([2e-3 * c for c in cosine], abs=1e-12)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["autoencoder_train"]["lr_schedule"] == "cosine" and metrics["autoencoder_train"]["warmup_steps"] == 5
+    with pytest.raises(RecipeError, match=r"'autoencoder_train.lr_schedule' must be 'constant' \| 'cosine'"):
+        digits_recipe(tmp_path, lr_schedule="step")
 
 
 def test_train_autoencoder_needs_a_trainable_autoencoder(tmp_path):

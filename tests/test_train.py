@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,6 +36,14 @@ def assert_same_weights(a, b, atol=0.0):
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def test_cosine_lr_schedule_reaches_zero_at_the_last_step(tiny_recipe, tmp_path):
+    run = train(tiny_recipe(train={"lr_schedule": "cosine", "warmup_steps": 2}), run_dir=tmp_path / "run")
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # the rate after steps 1..6: warmup 2 steps, then 1e-3 * (1 + cos(pi k / 4)) / 2 for k = 0..4
+    expected = [1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_run_writes_config_checkpoints_logs_and_previews(tiny_recipe, tmp_path):
