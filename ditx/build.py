@@ -201,18 +201,20 @@ def build_components(
 
 def lr_lambda(warmup_steps: int, total_steps: int | None = None, schedule: str = "constant"):
     """The learning-rate factor at each optimizer step (``torch.optim.lr_scheduler.LambdaLR``): linear
-    warmup over ``warmup_steps``, then ``constant`` 1, or ``cosine`` from 1 down to 0 at ``total_steps``."""
+    warmup over ``warmup_steps``, then ``constant`` 1, or ``cosine`` from 1 down to 0 at ``total_steps``
+    (a run of at most ``warmup_steps`` steps never leaves the warmup)."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
-    if schedule == "cosine" and (total_steps is None or total_steps <= warmup_steps):
-        raise ValueError(f"a cosine lr_schedule needs more steps than warmup_steps={warmup_steps}, got {total_steps}")
+    if schedule == "cosine" and total_steps is None:
+        raise ValueError("a cosine lr_schedule needs the number of steps it ends at")
 
     def factor(step: int) -> float:  # step: optimizer steps taken so far
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))))
+        # a run no longer than its warmup (a smoke test of one step) ends on the warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
 
     return factor
 
