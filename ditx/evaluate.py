@@ -54,7 +54,9 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
 
     For data with buckets each bucket is evaluated apart (samples at its size against the test
     items in it; keys ``<metric>@<bucket>``); with ``eval.first_frame`` the samples generated from
-    the test clips' first frames are scored too (``first_frame/<metric>``)."""
+    the test clips' first frames are scored too (``first_frame/<metric>``), with
+    ``eval.first_frame_labeled`` those generated from the first frames and their clips' classes
+    (``first_frame_labeled/<metric>``)."""
     from ditx.build import with_data_size
     from ditx.data import BucketSubset
 
@@ -65,6 +67,10 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         raise ValueError(
             f"the recipe of {run} lists no eval.metrics; registered metrics: {', '.join(metric_registry.names())}"
         )
+    if cfg.first_frame_labeled and (parts.num_classes == 0 or parts.text_encoder is not None):
+        raise ValueError("eval.first_frame_labeled is for class-conditional models: a text model's first frames "
+                         "(eval.first_frame) already come with their clips' captions, an unconditional one has "
+                         "no classes")  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     parts.autoencoder.to(device)
@@ -88,7 +94,8 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
         built = [build_metric(spec) for spec in cfg.metrics]
         for _, metric in built:
             metric.prepare(group_reference, device)
-        kinds = [("", None)] + ([("first_frame/", "first_frame")] if cfg.first_frame else [])
+        kinds = [("", None)] + [(f"{kind}/", kind) for kind in ("first_frame", "first_frame_labeled")
+                                if getattr(cfg, kind)]  # fmt: skip
         for prefix, conditioning in kinds:
             tic = time.perf_counter()
             scored, record = _generate_and_score(group_parts, model, group_reference, built, cfg, sample_cfg,
@@ -133,7 +140,9 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
     ``conditioning="first_frame"``: each sample is generated from the first frame of a test
     clip (the clips in an order seeded by ``eval.seed``, taken in turn) and scored with its
     label; a class-conditional model (with a null class) generates them for the null class,
-    so the digit kept is the given frame's doing. Returns the metrics and what the protocol records of this group."""
+    so the digit kept is the given frame's doing. ``"first_frame_labeled"``: the same first frames,
+    generated for their clips' own classes with the class guidance as well (image-to-video with
+    its prompt). Returns the metrics and what the protocol records of this group."""
     from ditx.diffusion.frames import given_frames
 
     captions = labels = drawn = frames = None
@@ -141,17 +150,19 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
     if parts.text_encoder is not None:  # prompts (and their items' labels) from the test split
         captions, labels, drawn = test_prompts(reference, cfg.num_samples, cfg.seed)
     asked = labels if parts.num_classes > 0 else None  # the classes the samples are generated for
-    if conditioning == "first_frame":
+    if conditioning in ("first_frame", "first_frame_labeled"):
         if drawn is None:
             order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             drawn = [order[i % len(order)] for i in range(cfg.num_samples)]
         items = {i: reference[i] for i in set(drawn)}
         if parts.num_classes > 0 and labels is None:
             labels = asked = torch.tensor([int(items[i]["y"]) for i in drawn])
-            if model.null_class is not None:  # the given frame is the only condition: its digit must carry over
+            if model.null_class is not None and conditioning == "first_frame":  # the frame is the only condition
                 asked = torch.full_like(labels, model.null_class)
                 sample_cfg = dataclasses.replace(sample_cfg, guidance_scale=1.0)
                 record["classes"] = "the null class (guidance 1): the given frame is the only condition"
+            elif conditioning == "first_frame_labeled":
+                record["classes"] = "the given clips' own classes (class guidance as sampled): the frame and the class"
         clips, masks = zip(*(given_frames(parts.data_shape[1], first=items[i]["x"][:, :1]) for i in drawn))
         frames = (torch.stack(clips), torch.stack(masks))
         record["first_frames"] = {"source": "the first frame of each test item (a permutation seeded with "

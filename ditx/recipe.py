@@ -153,13 +153,17 @@ class EvalConfig:
     ``data.buckets``: ``num_samples`` in each, keys ``<metric>@<bucket>``). ``first_frame``:
     also generate from the first frames of the test split's clips (image-to-video; keys
     ``first_frame/<metric>``), for the null class (the frame is the only condition) and scored
-    with those clips' labels: does the given digit carry through the clip."""
+    with those clips' labels: does the given digit carry through the clip. ``first_frame_labeled``
+    (class-conditional models): also from those first frames for the clips' own classes, with
+    the class guidance too (image-to-video with its prompt, as a text recipe's first frames come
+    with their captions; keys ``first_frame_labeled/<metric>``)."""
 
     metrics: list[str] = field(default_factory=list)
     num_samples: int = 1000
     batch_size: int = 100
     seed: int = 0
     first_frame: bool = False
+    first_frame_labeled: bool = False
 
 
 @dataclass

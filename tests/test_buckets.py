@@ -535,28 +535,37 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
     buckets = TRAIN_BUCKETS[:2]
     try:
         recipe = _bucket_recipe(clips, tmp_path, buckets, train={"steps": 1, "checkpoint_every": 1},
-                                eval={"metrics": [judge.name], "num_samples": 3, "batch_size": 3, "first_frame": True},
+                                eval={"metrics": [judge.name], "num_samples": 3, "batch_size": 3, "first_frame": True,
+                                      "first_frame_labeled": True},
                                 sample={"scheduler": "flow-euler", "num_steps": 2, "guidance_scale": 4.0,
                                         "frame_guidance_scale": 3.0},
                                 tokenizer={"name": "tubelet", "patch_size": [1, 4, 4]})  # a frame alone can be given
         results = evaluate_run(train(recipe, run_dir=tmp_path / "run"))
     finally:
         metrics.unregister(judge.name)
-    assert set(results) == {f"{p}items@{b}" for p in ("", "first_frame/") for b in ("8x16x24", "4x24x16")}
+    kinds = ("", "first_frame", "first_frame_labeled")
+    assert set(results) == {f"{k}{'/' if k else ''}items@{b}" for k in kinds for b in ("8x16x24", "4x24x16")}
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     evaluated = doc["protocol"]["evaluated"]
     assert [(e["bucket"], e["conditioning"]) for e in evaluated] == [
-        ("8x16x24", None), ("8x16x24", "first_frame"), ("4x24x16", None), ("4x24x16", "first_frame")]  # fmt: skip
-    # plain samples: the classes, guided; first-frame ones: the null class, class guidance off, guided
-    # towards the frames instead (2 evaluations a step either way)
+        (b, k or None) for b in ("8x16x24", "4x24x16") for k in kinds]  # fmt: skip
+    # plain samples: the classes, guided (2 evaluations a step); first-frame ones: the null class, class
+    # guidance off, guided towards the frames instead (2); labeled first-frame ones: the clips' own
+    # classes, guided by both (3: with class and frames, null class with frames, neither)
     null = {2}  # the clips folder has 2 classes, the null class is the next index
     assert doc["protocol"]["frame_guidance_scale"] == 3.0
-    for (labels, guidance, framed, frame_guidance), e in zip(asked, evaluated):
-        assert frame_guidance == 3.0 and e["network_evaluations"] == 4
+    for (labels, guidance, framed, frame_guidance), e, (reference, _, _) in zip(asked, evaluated, judge.judged):
+        assert frame_guidance == 3.0
         if e["conditioning"] is None:
             assert (guidance, framed) == (4.0, False) and labels is None  # generate draws the classes itself
-        else:
+            assert e["network_evaluations"] == 4
+        elif e["conditioning"] == "first_frame":
             assert (guidance, framed) == (1.0, True) and set(labels.tolist()) == null
+            assert e["network_evaluations"] == 4
+        else:
+            given = [int(reference[i]["y"]) for i in e["first_frames"]["items"]]
+            assert (guidance, framed) == (4.0, True) and labels.tolist() == given
+            assert e["network_evaluations"] == 6
     for (reference, samples, labels), e in zip(judge.judged, evaluated):
         if e["conditioning"] is None:
             continue
