@@ -612,3 +612,14 @@ def test_sigkill_in_the_next_epoch_resumes_bucketed_training_bit_exact(bucket_ru
     assert _logged_steps(run) == list(range(1, 9))
     assert_same_weights(final_weights(run), final_weights(one))  # bit-exact
     assert_same_weights(final_weights(run, "ema"), final_weights(one, "ema"))
+
+
+def test_eval_first_frame_labeled_needs_a_class_conditional_model(tiny_recipe, tmp_path):
+    from ditx.evaluate import evaluate_run
+    from ditx.train import train
+
+    recipe = tiny_recipe(model={"num_classes": 0}, train={"steps": 1, "checkpoint_every": 1},
+                         eval={"metrics": ["digits"], "first_frame_labeled": True})  # fmt: skip
+    run = train(recipe, run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="first_frame_labeled is for class-conditional models"):
+        evaluate_run(run)
