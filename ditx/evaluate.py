@@ -120,6 +120,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
             "guided_channels": sample_cfg.guided_channels,
             "guidance_interval": sample_cfg.guidance_interval,
             "frame_guidance_scale": sample_cfg.frame_guidance_scale,  # samples given frames (eval.first_frame)
+            "frame_class_levels": sample_cfg.frame_class_levels,  # null-class samples given frames: their class read
             "seed": cfg.seed,
             "reference": {"dataset": recipe.data.name, "size": len(reference)},
             **(evaluated[0] if len(evaluated) == 1 else {"evaluated": evaluated}),
@@ -159,8 +160,13 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
             labels = asked = torch.tensor([int(items[i]["y"]) for i in drawn])
             if model.null_class is not None and conditioning == "first_frame":  # the frame is the only condition
                 asked = torch.full_like(labels, model.null_class)
-                sample_cfg = dataclasses.replace(sample_cfg, guidance_scale=1.0)
-                record["classes"] = "the null class (guidance 1): the given frame is the only condition"
+                if sample_cfg.frame_class_levels:
+                    record["classes"] = (f"the null class, then the class the model reads from the given frame "
+                                         f"({sample_cfg.frame_class_levels} noise levels, sample.frame_class_levels), "
+                                         f"with the class guidance: the given frame is the only condition")  # fmt: skip
+                else:
+                    sample_cfg = dataclasses.replace(sample_cfg, guidance_scale=1.0)
+                    record["classes"] = "the null class (guidance 1): the given frame is the only condition"
             elif conditioning == "first_frame_labeled":
                 record["classes"] = "the given clips' own classes (class guidance as sampled): the frame and the class"
         clips, masks = zip(*(given_frames(parts.data_shape[1], first=items[i]["x"][:, :1]) for i in drawn))
@@ -171,6 +177,9 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
     samples, generated_for = generate(parts, model, cfg.num_samples, device, config=sample_cfg, progress=True,
                                       labels=asked, captions=captions, frames=frames, stats=stats)  # fmt: skip
     record["network_evaluations"] = stats["network_evaluations"]  # per sample
+    inferred = stats.get("class_evaluations", 0) > 0  # the null class's samples took the class read from their frames
+    if inferred:
+        record["class_evaluations"] = stats["class_evaluations"]  # per sample, reading the class
     if captions is None and labels is None:
         labels = generated_for
     record["labels"] = _labels_protocol(captions, labels) if conditioning is None else (
@@ -181,6 +190,8 @@ def _generate_and_score(parts, model, reference, built, cfg, sample_cfg, device,
                       f"with eval.seed, taken in turn",
             "negative_prompt": sample_cfg.negative_prompt, "items": drawn, "captions": captions}  # fmt: skip
     results: dict[str, float] = {}
+    if inferred:  # how often the class read from the given frame is the clip's own
+        results["inferred_class_accuracy"] = float((generated_for == labels).float().mean())
     for _, metric in built:
         results.update({key: float(value) for key, value in metric.compute(samples, labels, captions).items()})
     return results, record

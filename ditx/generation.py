@@ -87,6 +87,8 @@ def generate(
         raise ValueError(f"per-sample given frames need one clip and mask per sample ({num}), got "
                          f"{len(frames[0])} clips and {len(frames[1])} masks")  # fmt: skip
     given = None if frames is None or per_sample else _encode_given_frames(parts, frames, device)
+    if frames is not None and config.frame_class_levels:
+        labels = infer_frame_classes(parts, model, frames, labels, config, device, stats)
     out = []
     batches = range(0, num, config.batch_size)
     if progress:
@@ -120,6 +122,46 @@ def generate(
         out.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(out), labels
+
+
+def infer_frame_classes(
+    parts: Any, model: torch.nn.Module, frames: tuple[Tensor, Tensor], labels: Tensor | None,
+    config: SampleConfig, device: torch.device, stats: dict[str, float] | None = None,
+) -> Tensor:  # fmt: skip
+    """``labels`` with each null class replaced by the class the model reads from that sample's
+    given frames (``config.frame_class_levels`` noise levels): every frame of the clip held at the
+    given frame nearest it (a first frame alone: a still clip of it), encoded, and classified by
+    its denoising errors (``ditx.diffusion.class_errors``). The noise of sample i comes from a
+    generator seeded with ``config.seed + i``, so the classes do not depend on the batch size.
+    ``stats["class_evaluations"]``: model evaluations per sample this took."""
+    from ditx.diffusion import class_errors
+    from ditx.diffusion.frames import hold_given_frames
+
+    levels = config.frame_class_levels
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
+        raise ValueError(f"sample.frame_class_levels={levels!r}: allowed a number of noise levels >= 1, or 0 (off)")
+    if model.null_class is None or labels is None:
+        raise ValueError(f"sample.frame_class_levels={levels} reads the class of given frames: it needs a "
+                         f"class-conditional model (with a null class); set it to 0 for this one")  # fmt: skip
+    clip, mask = frames
+    per_sample = clip.ndim == len(parts.latent_shape) + 1
+    rows = (labels == model.null_class).nonzero().flatten()
+    labels = labels.clone()
+    if stats is not None:
+        stats["class_evaluations"] = levels * parts.num_classes if len(rows) else 0
+    if not per_sample:  # one clip for every sample: one class for them all
+        rows_of = [rows[:1]] if len(rows) else []
+    else:
+        rows_of = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+    for chosen in rows_of:
+        held = hold_given_frames(clip[chosen], mask[chosen]) if per_sample else hold_given_frames(clip, mask)[None]
+        z, _ = _encode_given_frames(parts, (held, mask[chosen] if per_sample else mask[None]), device)
+        noise = torch.stack([torch.randn(levels, *z.shape[1:], generator=torch.Generator().manual_seed(config.seed + i))
+                             for i in chosen.tolist()])  # fmt: skip
+        with autocast_for(parts.recipe, device):
+            errors = class_errors(model, parts.objective, z, parts.num_classes, levels, noise=noise)
+        labels[chosen if per_sample else rows] = errors.argmin(1).to(labels.device)
+    return labels
 
 
 def _encode_given_frames(parts: Any, frames: tuple[Tensor, Tensor], device) -> tuple[Tensor, Tensor]:

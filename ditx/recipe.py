@@ -136,6 +136,10 @@ class SampleConfig:
     # samples given frames (image-to-video, extension, interpolation): guidance towards the given
     # frames against the model without them (1: none); see docs/video.md
     frame_guidance_scale: float = 1.0
+    # class-conditional models, samples given frames for the null class: their class is first read
+    # from the given frames by the model itself (its denoising errors under each class at this many
+    # noise levels, ditx.diffusion.class_errors), then sampled with the class guidance; 0: off
+    frame_class_levels: int = 0
     num_samples: int = 16
     batch_size: int = 16
     use_ema: bool = True

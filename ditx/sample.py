@@ -58,6 +58,9 @@ def sample_from(
     each is resized and centre-cropped to the model's frame size::
 
         sample_from("runs/video-moving-digits-<time>", first_frame="digit.png", num=4)
+
+    A class-conditional model with ``sample.frame_class_levels`` samples given frames for the
+    class it reads from them (``generation.infer_frame_classes``) instead of classes in turn.
     """
     from ditx.files import claim_output_folder
 
@@ -84,7 +87,11 @@ def sample_from(
     out = Path(out) if out else Path(path) / "samples" / f"sample_{r.sample.scheduler}_{r.sample.num_steps}"
     claim_output_folder(out, overwrite=overwrite, what="samples", instead="pass --out DIR for another folder")
     frames = _given_frames(r, parts, first_frame, last_frame, extend, extend_frames)
-    samples, labels = generate(parts, model, num, device, progress=True, captions=captions, frames=frames)
+    labels = None
+    if frames is not None and r.sample.frame_class_levels and captions is None and model.null_class is not None:
+        labels = torch.full((num,), model.null_class)  # each sample takes the class its given frames show
+    samples, labels = generate(parts, model, num, device, labels=labels, progress=True, captions=captions,
+                               frames=frames)  # fmt: skip
     write_samples(r, samples, out, labels, captions)
     if extra is not None:
         extra(samples, out, labels)

@@ -513,8 +513,13 @@ class _WhatWasGiven(_WhatWasJudged):
         return {"items": float(len(self.reference))}
 
 
+@pytest.mark.parametrize("levels", [0, 2], ids=["null-class", "class-read"])
 def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_with_its_label(
-        clips, tmp_path, monkeypatch):  # fmt: skip
+        clips, tmp_path, monkeypatch, levels):  # fmt: skip
+    """Per bucket, the plain, first-frame and labeled first-frame kinds. ``sample.frame_class_levels``
+    (class-read): the first-frame samples are asked for the null class, generate reads their class
+    from the frame, and they are sampled with class guidance; eval reports how often the class read
+    is the clip's own."""
     from ditx import evaluate as evaluate_module
     from ditx.evaluate import evaluate_run
     from ditx.registry import metrics
@@ -524,9 +529,10 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
 
     def recording_generate(*args, **kwargs):
         config = kwargs["config"]
+        samples, generated_for = generate(*args, **kwargs)
         asked.append((kwargs.get("labels"), config.guidance_scale, kwargs.get("frames") is not None,
-                      config.frame_guidance_scale))  # fmt: skip
-        return generate(*args, **kwargs)
+                      config.frame_guidance_scale, generated_for))  # fmt: skip
+        return samples, generated_for
 
     monkeypatch.setattr(evaluate_module, "generate", recording_generate)
     judge = _WhatWasGiven
@@ -538,13 +544,14 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
                                 eval={"metrics": [judge.name], "num_samples": 3, "batch_size": 3, "first_frame": True,
                                       "first_frame_labeled": True},
                                 sample={"scheduler": "flow-euler", "num_steps": 2, "guidance_scale": 4.0,
-                                        "frame_guidance_scale": 3.0},
+                                        "frame_guidance_scale": 3.0, "frame_class_levels": levels},
                                 tokenizer={"name": "tubelet", "patch_size": [1, 4, 4]})  # a frame alone can be given
         results = evaluate_run(train(recipe, run_dir=tmp_path / "run"))
     finally:
         metrics.unregister(judge.name)
     kinds = ("", "first_frame", "first_frame_labeled")
-    assert set(results) == {f"{k}{'/' if k else ''}items@{b}" for k in kinds for b in ("8x16x24", "4x24x16")}
+    read = {f"first_frame/inferred_class_accuracy@{b}" for b in ("8x16x24", "4x24x16")} if levels else set()
+    assert set(results) == {f"{k}{'/' if k else ''}items@{b}" for k in kinds for b in ("8x16x24", "4x24x16")} | read
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     evaluated = doc["protocol"]["evaluated"]
     assert [(e["bucket"], e["conditioning"]) for e in evaluated] == [
@@ -554,14 +561,22 @@ def test_eval_first_frame_samples_keep_a_test_clips_first_frame_and_are_scored_w
     # classes, guided by both (3: with class and frames, null class with frames, neither)
     null = {2}  # the clips folder has 2 classes, the null class is the next index
     assert doc["protocol"]["frame_guidance_scale"] == 3.0
-    for (labels, guidance, framed, frame_guidance), e, (reference, _, _) in zip(asked, evaluated, judge.judged):
+    assert doc["protocol"]["frame_class_levels"] == levels
+    for (labels, guidance, framed, frame_guidance, generated_for), e, (reference, _, scored) in zip(
+            asked, evaluated, judge.judged):  # fmt: skip
         assert frame_guidance == 3.0
         if e["conditioning"] is None:
             assert (guidance, framed) == (4.0, False) and labels is None  # generate draws the classes itself
             assert e["network_evaluations"] == 4
-        elif e["conditioning"] == "first_frame":
+        elif e["conditioning"] == "first_frame" and not levels:
             assert (guidance, framed) == (1.0, True) and set(labels.tolist()) == null
-            assert e["network_evaluations"] == 4
+            assert e["network_evaluations"] == 4 and "class_evaluations" not in e
+        elif e["conditioning"] == "first_frame":  # the class read from the frame, then both guidances
+            assert (guidance, framed) == (4.0, True) and set(labels.tolist()) == null
+            assert set(generated_for.tolist()) <= {0, 1} and e["network_evaluations"] == 6
+            assert e["class_evaluations"] == levels * 2 and "reads from the given frame" in e["classes"]
+            accuracy = results[f"first_frame/inferred_class_accuracy@{e['bucket']}"]
+            assert accuracy == pytest.approx((generated_for == scored).float().mean().item())
         else:
             given = [int(reference[i]["y"]) for i in e["first_frames"]["items"]]
             assert (guidance, framed) == (4.0, True) and labels.tolist() == given

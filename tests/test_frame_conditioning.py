@@ -6,7 +6,7 @@ import torch
 from test_dit import randomize
 
 from ditx.diffusion.objectives import DDPMObjective, RectifiedFlowObjective, VPredictionObjective
-from ditx.diffusion.sampling import sample
+from ditx.diffusion.sampling import class_errors, sample
 from ditx.dit import DiT
 from ditx.tokenizer import PatchTokenizer
 
@@ -192,7 +192,7 @@ def test_training_passes_each_samples_mask_to_the_loss(tmp_path, monkeypatch, ca
     original = RectifiedFlowObjective.loss
 
     def spy(self, model, x0, **kwargs):
-        seen.append(kwargs["model_kwargs"].get("frame_mask"))
+        seen.append((kwargs["model_kwargs"] or {}).get("frame_mask"))
         return original(self, model, x0, **kwargs)
 
     monkeypatch.setattr(RectifiedFlowObjective, "loss", spy)
@@ -207,6 +207,7 @@ def test_training_passes_each_samples_mask_to_the_loss(tmp_path, monkeypatch, ca
     for mask in seen:
         assert mask.shape == (4, 4) and mask.tolist() == [[True, False, False, False]] * 4
     check_sampling_from_given_frames(run, tmp_path, capsys)
+    check_reading_the_class_of_given_frames(run, tmp_path)
     with pytest.raises(ValueError, match=r"train.frame_masks: unknown mask kind"):
         bad = tiny(tmp_path, "video", data, {"name": "tubelet", "patch_size": [1, 4, 4]},
                    train={"steps": 1, "output_dir": str(tmp_path / "runs2"), "frame_masks": {"first": 1.0}})
@@ -262,6 +263,74 @@ def check_sampling_from_given_frames(run, tmp_path, capsys):
     assert "4 given frames leave none of the 4 to generate" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"first.png is an image: it gives 1 frame, 2 were asked for"):
         read_given_frames(first_png, 2, 24)
+
+
+def check_reading_the_class_of_given_frames(run, tmp_path):
+    """sample.frame_class_levels: the null-class samples given frames take the class the model reads
+    from their frames held still (the nearest given frame at every frame), each on its own seeded
+    noise, whatever the batch size; samples asked for a class keep it; ``ditx sample --first-frame``
+    names its files by the class read."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from ditx.build import load_for_sampling
+    from ditx.cli import main
+    from ditx.generation import generate, infer_frame_classes
+
+    recipe, parts, model = load_for_sampling(run)
+    null, levels, classes = model.null_class, 3, parts.num_classes
+    assert classes == 10
+    g = torch.Generator().manual_seed(2)
+    clips = torch.rand(3, 3, 4, 24, 24, generator=g) * 2 - 1
+    masks = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    nearest = {0: [0, 0, 0, 0], 2: [0, 1, 1, 1]}  # the given frame nearest each frame, by hand
+    read = []  # what the classifier was given and what it answered, per call
+
+    def spy(*args, **kwargs):
+        errors = class_errors(*args, **kwargs)
+        read.append((args[2].clone(), kwargs["noise"].clone(), errors))
+        return errors
+
+    import ditx.diffusion
+
+    for batch_size in (1, 3):
+        read.clear()
+        config = dataclasses.replace(recipe.sample, frame_class_levels=levels, batch_size=batch_size, seed=5)
+        stats = {}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ditx.diffusion, "class_errors", spy)
+            _, labels = generate(parts, model, 3, labels=torch.tensor([null, 7, null]), config=config,
+                                 frames=(clips, masks), stats=stats)  # fmt: skip
+        x0, noise, errors = (torch.cat(v) for v in zip(*read))
+        assert len(read) == (2 if batch_size == 1 else 1)  # only the null-class samples, in batches
+        # pixel space: the clips held still at their nearest given frames, each on noise seeded by its index
+        torch.testing.assert_close(x0, torch.stack([clips[i][:, nearest[i]] for i in (0, 2)]))
+        for row, i in enumerate((0, 2)):
+            seeded = torch.Generator().manual_seed(5 + i)
+            assert torch.equal(noise[row], torch.randn(levels, 3, 4, 24, 24, generator=seeded))
+        assert errors.shape == (2, classes)
+        assert labels.tolist() == [int(errors[0].argmin()), 7, int(errors[1].argmin())]
+        assert stats["class_evaluations"] == levels * classes
+    with pytest.raises(ValueError, match=r"frame_class_levels=3 reads the class of given frames: it needs a "
+                                         r"class-conditional model"):  # fmt: skip
+        infer_frame_classes(parts, model, (clips, masks), None, config, "cpu")
+    with pytest.raises(ValueError, match=r"frame_class_levels=-1: allowed a number of noise levels >= 1, or 0"):
+        generate(parts, model, 3, config=dataclasses.replace(config, frame_class_levels=-1), frames=(clips, masks))
+
+    png = tmp_path / "given.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(png)
+    out = tmp_path / "read"
+    assert main(["sample", str(run), "--first-frame", str(png), "--num", "2", "--out", str(out),
+                 f"sample.frame_class_levels={levels}"]) == 0  # fmt: skip
+    from ditx.modalities.video.clips import resize_center_crop
+
+    first = resize_center_crop(np.asarray(Image.open(png).convert("RGB"))[None], 24)  # (3, 1, 24, 24)
+    noise = torch.randn(levels, 3, 4, 24, 24, generator=torch.Generator().manual_seed(recipe.sample.seed))
+    label = int(class_errors(model, parts.objective, first[None].expand(1, 3, 4, 24, 24), classes, levels,
+                             noise=noise[None]).argmin(1))  # fmt: skip
+    assert sorted(p.name for p in out.glob("sample_*.mp4")) == [f"sample_0000{i}_class{label}.mp4" for i in (0, 1)]
 
 
 def test_frame_masks_map_onto_latent_frames():
@@ -440,3 +509,65 @@ def test_noised_is_the_training_noise_level():
     objective = DDPMObjective()
     reference = DDPMScheduler(**objective.scheduler_config).add_noise(x0, eps, t.long())
     torch.testing.assert_close(objective.noised(x0, eps, t), reference)
+
+
+def test_hold_given_frames_takes_the_nearest_given_frame():
+    """Against a loop over frames: each frame becomes the given frame nearest in time, the earlier of
+    two as near; a first frame alone makes a still clip; a clip without a given frame is refused."""
+    from ditx.diffusion.frames import hold_given_frames
+
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(5, 2, 7, 3, 4, generator=g)
+    masks = torch.tensor([[1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 1, 0],
+                          [1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)  # fmt: skip
+    held = hold_given_frames(clip, masks)
+    for b in range(5):
+        given = masks[b].nonzero().flatten().tolist()
+        for t in range(7):
+            nearest = min(given, key=lambda s: (abs(s - t), s))
+            assert torch.equal(held[b, :, t], clip[b, :, nearest])
+    assert torch.equal(hold_given_frames(clip[0], masks[0]), clip[0, :, :1].expand(-1, 7, -1, -1))
+    with pytest.raises(ValueError, match="a clip has no given frame to hold"):
+        hold_given_frames(clip[:1], torch.zeros(1, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("objective", [RectifiedFlowObjective(), DDPMObjective(learn_sigma=False)],
+                         ids=["flow", "ddpm"])  # fmt: skip
+def test_class_errors_are_each_class_loss_on_the_same_noise_at_even_levels(objective):
+    """A diffusion classifier: each class's error is the objective's own loss (checked against the
+    loss written out) averaged over levels at the middles of equal parts of the noise range, every
+    class on the same noise; a model that denoises exactly under one class per sample is read as
+    that class."""
+    model = video_dit()
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 5, 3, 4, 8, 8, generator=g)
+    errors = class_errors(model, objective, x0, 3, 5, noise=noise)
+    levels = objective.levels(5)
+    if isinstance(objective, RectifiedFlowObjective):
+        assert torch.allclose(levels, torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]))
+    else:
+        assert levels.tolist() == [100, 300, 500, 700, 900]
+    expected = torch.zeros(2, 3)
+    with torch.no_grad():
+        for i, level in enumerate(levels):
+            eps = noise[:, i]
+            if isinstance(objective, RectifiedFlowObjective):
+                x_t, target = (1 - level) * x0 + level * eps, eps - x0
+                t_model = level * 1000
+            else:
+                a = objective.alphas_cumprod[int(level)]
+                x_t, target, t_model = a**0.5 * x0 + (1 - a) ** 0.5 * eps, eps, level.float()
+            for c in range(3):
+                out = model(x_t.float(), t_model.float().expand(2), torch.full((2,), c))
+                expected[:, c] += ((out - target) ** 2).mean((1, 2, 3, 4)) / 5
+    torch.testing.assert_close(errors, expected, rtol=1e-4, atol=1e-6)
+
+    truth = torch.tensor([2, 0])
+
+    def oracle(x_t, t, y, **_):  # the exact velocity under each sample's own class, zeros under the others
+        sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+        exact = (x_t - x0) / sigma
+        return torch.where((y == truth).view(-1, 1, 1, 1, 1), exact, torch.zeros_like(exact))
+
+    read = class_errors(oracle, RectifiedFlowObjective(), x0, 3, 4, generator=torch.Generator().manual_seed(0))
+    assert read.argmin(1).tolist() == [2, 0] and read[[0, 1], [2, 0]].abs().max() < 1e-8

@@ -8,7 +8,7 @@ from ditx.diffusion.objectives import (
     RectifiedFlowObjective,
     VPredictionObjective,
 )
-from ditx.diffusion.sampling import apply_guidance, sample
+from ditx.diffusion.sampling import apply_guidance, class_errors, sample
 
 __all__ = [
     "SCHEDULERS",
@@ -17,5 +17,6 @@ __all__ = [
     "VPredictionObjective",
     "RectifiedFlowObjective",
     "apply_guidance",
+    "class_errors",
     "sample",
 ]

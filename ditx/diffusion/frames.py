@@ -124,3 +124,21 @@ def given_frames(
     if mask.all():
         raise ValueError(f"the given frames cover all {frames} frames: nothing to generate")
     return clip, mask
+
+
+def hold_given_frames(clip: Tensor, mask: Tensor) -> Tensor:
+    """Every frame of ``clip`` (..., C, T, H, W) replaced by the given frame nearest in time (the
+    earlier of two as near), by a (..., T) ``mask`` of its given frames: a first frame alone becomes
+    a still clip of it. What the frames' class is inferred from (``sample.frame_class_levels``)."""
+    if clip.ndim < 4 or mask.shape != (*clip.shape[:-4], clip.shape[-3]):
+        raise ValueError(f"hold_given_frames takes a clip (..., C, T, H, W) and a (..., T) mask, got "
+                         f"{tuple(clip.shape)} and {tuple(mask.shape)}")  # fmt: skip
+    given = mask.bool()
+    if not given.any(-1).all():
+        raise ValueError("hold_given_frames: a clip has no given frame to hold")
+    frames = torch.arange(clip.shape[-3], device=clip.device)
+    distance = (frames[:, None] - frames[None, :]).abs().float()  # (T, S): from frame t to frame s
+    distance = distance.masked_fill(~given[..., None, :], float("inf"))  # (..., T, S)
+    nearest = distance.argmin(-1)  # (..., T); ties: the earlier frame (argmin's first)
+    index = nearest[..., None, :, None, None].expand(*clip.shape)
+    return clip.gather(-3, index)

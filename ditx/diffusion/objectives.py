@@ -143,6 +143,11 @@ class Objective:
         (objectives whose schedule depends on the data's size read it; None: the recipe's size)."""
         raise NotImplementedError
 
+    def levels(self, num: int) -> Tensor:
+        """``num`` training timesteps (num,) in the objective's own units (as ``loss`` takes them),
+        spread evenly over its noise range: the middles of ``num`` equal parts."""
+        raise NotImplementedError
+
     def model_timestep(self, t: Tensor) -> Tensor:
         """Scheduler timesteps -> the float t the model is conditioned on."""
         return t.float() * self.timestep_scale
@@ -236,6 +241,10 @@ class _VPObjective(Objective):
     def sample_t(self, batch_size: int, *, shape=None, device=None, generator=None) -> Tensor:
         """Uniform integer steps in [0, T) (B,)."""
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
+
+    def levels(self, num: int) -> Tensor:
+        """Integer steps at the middles of ``num`` equal parts of [0, T)."""
+        return ((torch.arange(num) + 0.5) * self.num_train_timesteps / num).long()
 
     def _at(self, values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
         """Gather float64 schedule values at integer steps t (B,), cast to (B, 1, ...) like ``like``."""
@@ -474,6 +483,10 @@ class RectifiedFlowObjective(Objective):
         z = torch.randn(batch_size, generator=generator, device=device)
         sigma = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return self.shift_sigma(sigma, self.shift * self.size_factor(shape))
+
+    def levels(self, num: int) -> Tensor:
+        """σ at the middles of ``num`` equal parts of [0, 1] (unshifted)."""
+        return (torch.arange(num) + 0.5) / num
 
     def loss(self, model, x0, *, y=None, model_kwargs=None, noise=None, t=None, generator=None):
         """Per-sample ``{"loss", "mse"}`` (B,); ``t`` is σ ∈ [0, 1] (B,)."""

@@ -11,7 +11,7 @@ from torch import Tensor
 from ditx.diffusion.frames import per_frame
 from ditx.diffusion.objectives import Objective
 
-__all__ = ["sample", "apply_guidance"]
+__all__ = ["sample", "apply_guidance", "class_errors"]
 
 
 def apply_guidance(cond: Tensor, uncond: Tensor, scale: float, guided_channels: int | None = None) -> Tensor:
@@ -191,6 +191,44 @@ def sample(
     if stats is not None:
         stats["network_evaluations"] = evaluations
     return x if keep is None else torch.where(keep, clean, x)
+
+
+@torch.no_grad()
+def class_errors(
+    model: Callable[..., Tensor],
+    objective: Objective,
+    x0: Tensor,
+    num_classes: int,
+    levels: int,
+    *,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """The model as a classifier of ``x0`` (B, C, *spatial): (B, ``num_classes``) denoising errors,
+    each the mean over ``levels`` noise levels spread evenly over the objective's range
+    (``Objective.levels``) of its training loss under that class; the likeliest class has the
+    least (``errors.argmin(1)``). A diffusion classifier (Li et al. 2023, "Your Diffusion Model is
+    Secretly a Zero-Shot Classifier"): the classes are compared on the same noise at every level,
+    so they differ only in the label. ``noise``: (B, levels, C, *spatial), else drawn from
+    ``generator``. ``num_classes * levels`` model evaluations of the batch."""
+    if levels < 1 or num_classes < 1:
+        raise ValueError(f"class_errors needs levels >= 1 and num_classes >= 1, got {levels} and {num_classes}")
+    B = x0.shape[0]
+    if noise is None:
+        gen_device = generator.device if generator is not None else x0.device
+        noise = torch.randn((B, levels, *x0.shape[1:]), generator=generator, device=gen_device, dtype=x0.dtype)
+    if tuple(noise.shape) != (B, levels, *x0.shape[1:]):
+        raise ValueError(f"noise must be (B, levels, C, *spatial) = {(B, levels, *x0.shape[1:])}, "
+                         f"got {tuple(noise.shape)}")  # fmt: skip
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    errors = torch.zeros(B, num_classes, device=x0.device)
+    for i, t in enumerate(objective.levels(levels).to(x0.device)):
+        for c in range(num_classes):
+            y = torch.full((B,), c, device=x0.device, dtype=torch.long)
+            loss = objective.loss(model, x0, y=y, model_kwargs=model_kwargs, noise=noise[:, i], t=t.expand(B))
+            errors[:, c] += loss["mse"].float()
+    return errors / levels
 
 
 def _run_branches(model, inputs, t_model: Tensor, B: int) -> Tensor:
