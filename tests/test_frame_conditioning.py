@@ -1,6 +1,9 @@
 """Frame conditioning (image-to-video, extension, interpolation): clean frames under a time mask
 in the backbone, the objectives' losses and the sampler."""
 
+import math
+from statistics import NormalDist
+
 import pytest
 import torch
 from test_dit import randomize
@@ -511,6 +514,18 @@ def test_noised_is_the_training_noise_level():
     torch.testing.assert_close(objective.noised(x0, eps, t), reference)
 
 
+@pytest.mark.parametrize("objective", [RectifiedFlowObjective(logit_mean=-0.5, shift=3.0, shift_reference=[2, 4, 4]),
+                                       DDPMObjective(learn_sigma=False)], ids=["flow", "ddpm"])  # fmt: skip
+def test_levels_are_quantiles_of_the_training_draws(objective):
+    """The k-th of ``num`` levels has (k + 1/2) / num of the training timesteps below it, for the
+    data's size (the flow shift grows with it)."""
+    shape = (3, 4, 8, 8)
+    draws = objective.sample_t(200_000, shape=shape, generator=torch.Generator().manual_seed(0)).double()
+    levels = objective.levels(8, shape=shape).double()
+    below = (draws[None, :] < levels[:, None]).double().mean(1)
+    torch.testing.assert_close(below, (torch.arange(8) + 0.5).double() / 8, atol=0.004, rtol=0)
+
+
 def test_hold_given_frames_takes_the_nearest_given_frame():
     """Against a loop over frames: each frame becomes the given frame nearest in time, the earlier of
     two as near; a first frame alone makes a still clip; a clip without a given frame is refused."""
@@ -542,9 +557,10 @@ def test_class_errors_are_each_class_loss_on_the_same_noise_at_even_levels(objec
     g = torch.Generator().manual_seed(4)
     x0, noise = torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 5, 3, 4, 8, 8, generator=g)
     errors = class_errors(model, objective, x0, 3, 5, noise=noise)
-    levels = objective.levels(5)
-    if isinstance(objective, RectifiedFlowObjective):
-        assert torch.allclose(levels, torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]))
+    levels = objective.levels(5, shape=x0.shape[1:])
+    if isinstance(objective, RectifiedFlowObjective):  # quantiles of the logit-normal σ: sigmoid(Φ⁻¹(q))
+        expected = [1 / (1 + math.exp(-NormalDist().inv_cdf(q))) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
+        torch.testing.assert_close(levels, torch.tensor(expected))
     else:
         assert levels.tolist() == [100, 300, 500, 700, 900]
     expected = torch.zeros(2, 3)

@@ -143,9 +143,11 @@ class Objective:
         (objectives whose schedule depends on the data's size read it; None: the recipe's size)."""
         raise NotImplementedError
 
-    def levels(self, num: int) -> Tensor:
+    def levels(self, num: int, shape: Sequence[int] | None = None) -> Tensor:
         """``num`` training timesteps (num,) in the objective's own units (as ``loss`` takes them),
-        spread evenly over its noise range: the middles of ``num`` equal parts."""
+        spread as training draws them for data of ``shape`` (C, *spatial): the quantiles at the
+        middles of ``num`` equal parts of probability, so their mean loss estimates the training
+        loss."""
         raise NotImplementedError
 
     def model_timestep(self, t: Tensor) -> Tensor:
@@ -242,8 +244,8 @@ class _VPObjective(Objective):
         """Uniform integer steps in [0, T) (B,)."""
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
-    def levels(self, num: int) -> Tensor:
-        """Integer steps at the middles of ``num`` equal parts of [0, T)."""
+    def levels(self, num: int, shape: Sequence[int] | None = None) -> Tensor:
+        """Integer steps at the middles of ``num`` equal parts of [0, T) (training draws them uniformly)."""
         return ((torch.arange(num) + 0.5) * self.num_train_timesteps / num).long()
 
     def _at(self, values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
@@ -484,9 +486,11 @@ class RectifiedFlowObjective(Objective):
         sigma = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return self.shift_sigma(sigma, self.shift * self.size_factor(shape))
 
-    def levels(self, num: int) -> Tensor:
-        """σ at the middles of ``num`` equal parts of [0, 1] (unshifted)."""
-        return (torch.arange(num) + 0.5) / num
+    def levels(self, num: int, shape: Sequence[int] | None = None) -> Tensor:
+        """σ at the quantiles (k + 1/2) / ``num`` of the shifted logit-normal training draws (``sample_t``)."""
+        z = torch.special.ndtri((torch.arange(num, dtype=torch.float64) + 0.5) / num)
+        sigma = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        return self.shift_sigma(sigma, self.shift * self.size_factor(shape)).float()
 
     def loss(self, model, x0, *, y=None, model_kwargs=None, noise=None, t=None, generator=None):
         """Per-sample ``{"loss", "mse"}`` (B,); ``t`` is σ ∈ [0, 1] (B,)."""

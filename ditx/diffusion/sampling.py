@@ -206,8 +206,8 @@ def class_errors(
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
     """The model as a classifier of ``x0`` (B, C, *spatial): (B, ``num_classes``) denoising errors,
-    each the mean over ``levels`` noise levels spread evenly over the objective's range
-    (``Objective.levels``) of its training loss under that class; the likeliest class has the
+    each the mean of its training loss under that class over ``levels`` noise levels spread as
+    training draws them (``Objective.levels``: an estimate of the training loss); the likeliest class has the
     least (``errors.argmin(1)``). A diffusion classifier (Li et al. 2023, "Your Diffusion Model is
     Secretly a Zero-Shot Classifier"): the classes are compared on the same noise at every level,
     so they differ only in the label. ``noise``: (B, levels, C, *spatial), else drawn from
@@ -223,7 +223,7 @@ def class_errors(
                          f"got {tuple(noise.shape)}")  # fmt: skip
     noise = noise.to(device=x0.device, dtype=x0.dtype)
     errors = torch.zeros(B, num_classes, device=x0.device)
-    for i, t in enumerate(objective.levels(levels).to(x0.device)):
+    for i, t in enumerate(objective.levels(levels, shape=x0.shape[1:]).to(x0.device)):
         for c in range(num_classes):
             y = torch.full((B,), c, device=x0.device, dtype=torch.long)
             loss = objective.loss(model, x0, y=y, model_kwargs=model_kwargs, noise=noise[:, i], t=t.expand(B))
