@@ -88,7 +88,7 @@ def generate(
                          f"{len(frames[0])} clips and {len(frames[1])} masks")  # fmt: skip
     given = None if frames is None or per_sample else _encode_given_frames(parts, frames, device)
     if frames is not None and config.frame_class_levels:
-        labels = infer_frame_classes(parts, model, frames, labels, config, device, stats)
+        labels = infer_frame_classes(parts, model, frames, labels, config, device, stats, progress)
     out = []
     batches = range(0, num, config.batch_size)
     if progress:
@@ -126,14 +126,14 @@ def generate(
 
 def infer_frame_classes(
     parts: Any, model: torch.nn.Module, frames: tuple[Tensor, Tensor], labels: Tensor | None,
-    config: SampleConfig, device: torch.device, stats: dict[str, float] | None = None,
+    config: SampleConfig, device: torch.device, stats: dict[str, float] | None = None, progress: bool = False,
 ) -> Tensor:  # fmt: skip
     """``labels`` with each null class replaced by the class the model reads from that sample's
     given frames (``config.frame_class_levels`` noise levels): every frame of the clip held at the
     given frame nearest it (a first frame alone: a still clip of it), encoded, and classified by
     its denoising errors (``ditx.diffusion.class_errors``). The noise of sample i comes from a
     generator seeded with ``config.seed + i``, so the classes do not depend on the batch size.
-    ``stats["class_evaluations"]``: model evaluations per sample this took."""
+    ``stats["class_evaluations"]``: model evaluations per sample this took; ``progress``: a bar."""
     from ditx.diffusion import class_errors
     from ditx.diffusion.frames import hold_given_frames
 
@@ -159,7 +159,7 @@ def infer_frame_classes(
         noise = torch.stack([torch.randn(levels, *z.shape[1:], generator=torch.Generator().manual_seed(config.seed + i))
                              for i in chosen.tolist()])  # fmt: skip
         with autocast_for(parts.recipe, device):
-            errors = class_errors(model, parts.objective, z, parts.num_classes, levels, noise=noise)
+            errors = class_errors(model, parts.objective, z, parts.num_classes, levels, noise=noise, progress=progress)
         labels[chosen if per_sample else rows] = errors.argmin(1).to(labels.device)
     return labels
 

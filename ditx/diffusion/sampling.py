@@ -204,6 +204,7 @@ def class_errors(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """The model as a classifier of ``x0`` (B, C, *spatial): (B, ``num_classes``) denoising errors,
     each the mean of its training loss under that class over ``levels`` noise levels spread as
@@ -211,7 +212,8 @@ def class_errors(
     least (``errors.argmin(1)``). A diffusion classifier (Li et al. 2023, "Your Diffusion Model is
     Secretly a Zero-Shot Classifier"): the classes are compared on the same noise at every level,
     so they differ only in the label. ``noise``: (B, levels, C, *spatial), else drawn from
-    ``generator``. ``num_classes * levels`` model evaluations of the batch."""
+    ``generator``. ``num_classes * levels`` model evaluations of the batch; ``progress``: a bar
+    over the levels."""
     if levels < 1 or num_classes < 1:
         raise ValueError(f"class_errors needs levels >= 1 and num_classes >= 1, got {levels} and {num_classes}")
     B = x0.shape[0]
@@ -223,7 +225,12 @@ def class_errors(
                          f"got {tuple(noise.shape)}")  # fmt: skip
     noise = noise.to(device=x0.device, dtype=x0.dtype)
     errors = torch.zeros(B, num_classes, device=x0.device)
-    for i, t in enumerate(objective.levels(levels, shape=x0.shape[1:]).to(x0.device)):
+    steps = enumerate(objective.levels(levels, shape=x0.shape[1:]).to(x0.device))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, total=levels, desc="reading the class", unit="level")
+    for i, t in steps:
         for c in range(num_classes):
             y = torch.full((B,), c, device=x0.device, dtype=torch.long)
             loss = objective.loss(model, x0, y=y, model_kwargs=model_kwargs, noise=noise[:, i], t=t.expand(B))
