@@ -144,23 +144,24 @@ def infer_frame_classes(
         raise ValueError(f"sample.frame_class_levels={levels} reads the class of given frames: it needs a "
                          f"class-conditional model (with a null class); set it to 0 for this one")  # fmt: skip
     clip, mask = frames
-    per_sample = clip.ndim == len(parts.latent_shape) + 1
+    shared = clip.ndim == len(parts.latent_shape)  # one clip for every sample: read once, for them all
+    if shared:
+        clip, mask = clip[None], mask[None]
     rows = (labels == model.null_class).nonzero().flatten()
     labels = labels.clone()
     if stats is not None:
         stats["class_evaluations"] = levels * parts.num_classes if len(rows) else 0
-    if not per_sample:  # one clip for every sample: one class for them all
-        rows_of = [rows[:1]] if len(rows) else []
-    else:
-        rows_of = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
-    for chosen in rows_of:
-        held = hold_given_frames(clip[chosen], mask[chosen]) if per_sample else hold_given_frames(clip, mask)[None]
-        z, _ = _encode_given_frames(parts, (held, mask[chosen] if per_sample else mask[None]), device)
+    if not len(rows):
+        return labels
+    groups = [rows[:1]] if shared else [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+    for chosen in groups:
+        source = torch.zeros_like(chosen) if shared else chosen  # the rows of clip and mask to read
+        z, _ = _encode_given_frames(parts, (hold_given_frames(clip[source], mask[source]), mask[source]), device)
         noise = torch.stack([torch.randn(levels, *z.shape[1:], generator=torch.Generator().manual_seed(config.seed + i))
                              for i in chosen.tolist()])  # fmt: skip
         with autocast_for(parts.recipe, device):
             errors = class_errors(model, parts.objective, z, parts.num_classes, levels, noise=noise, progress=progress)
-        labels[chosen if per_sample else rows] = errors.argmin(1).to(labels.device)
+        labels[rows if shared else chosen] = errors.argmin(1).to(labels.device)
     return labels
 
 
