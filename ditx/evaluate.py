@@ -121,6 +121,8 @@ def evaluate_run(run: str | Path, overrides: list[str] | None = None, out: str |
             "guidance_interval": sample_cfg.guidance_interval,
             "frame_guidance_scale": sample_cfg.frame_guidance_scale,  # samples given frames (eval.first_frame)
             "frame_class_levels": sample_cfg.frame_class_levels,  # null-class samples given frames: their class read
+            "frame_class_views": sample_cfg.frame_class_views,
+            "frame_class_shift": sample_cfg.frame_class_shift,
             "seed": cfg.seed,
             "reference": {"dataset": recipe.data.name, "size": len(reference)},
             **(evaluated[0] if len(evaluated) == 1 else {"evaluated": evaluated}),

@@ -130,12 +130,14 @@ def infer_frame_classes(
 ) -> Tensor:  # fmt: skip
     """``labels`` with each null class replaced by the class the model reads from that sample's
     given frames (``config.frame_class_levels`` noise levels): every frame of the clip held at the
-    given frame nearest it (a first frame alone: a still clip of it), encoded, and classified by
-    its denoising errors (``ditx.diffusion.class_errors``). The noise of sample i comes from a
-    generator seeded with ``config.seed + i``, so the classes do not depend on the batch size.
+    given frame nearest it (a first frame alone: a still clip of it), in ``config.frame_class_views``
+    placements (``ditx.diffusion.frames.shifted_views``) each encoded, and classified by its
+    denoising errors (``ditx.diffusion.class_errors``, the levels shared among the views). The
+    noise of sample i comes from a generator seeded with ``config.seed + i``, so the classes do
+    not depend on the batch size.
     ``stats["class_evaluations"]``: model evaluations per sample this took; ``progress``: a bar."""
     from ditx.diffusion import class_errors
-    from ditx.diffusion.frames import hold_given_frames
+    from ditx.diffusion.frames import hold_given_frames, shifted_views
 
     levels = config.frame_class_levels
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
@@ -156,11 +158,15 @@ def infer_frame_classes(
     groups = [rows[:1]] if shared else [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
     for chosen in groups:
         source = torch.zeros_like(chosen) if shared else chosen  # the rows of clip and mask to read
-        z, _ = _encode_given_frames(parts, (hold_given_frames(clip[source], mask[source]), mask[source]), device)
-        noise = torch.stack([torch.randn(levels, *z.shape[1:], generator=torch.Generator().manual_seed(config.seed + i))
+        held = shifted_views(hold_given_frames(clip[source], mask[source]), config.frame_class_views,
+                             config.frame_class_shift)  # fmt: skip
+        views = [_encode_given_frames(parts, (view, mask[source]), device)[0] for view in held]
+        shape = views[0].shape[1:]
+        noise = torch.stack([torch.randn(levels, *shape, generator=torch.Generator().manual_seed(config.seed + i))
                              for i in chosen.tolist()])  # fmt: skip
         with autocast_for(parts.recipe, device):
-            errors = class_errors(model, parts.objective, z, parts.num_classes, levels, noise=noise, progress=progress)
+            errors = class_errors(model, parts.objective, views, parts.num_classes, levels, noise=noise,
+                                  progress=progress)  # fmt: skip
         labels[rows if shared else chosen] = errors.argmin(1).to(labels.device)
     return labels
 

@@ -140,6 +140,11 @@ class SampleConfig:
     # from the given frames by the model itself (its denoising errors under each class at this many
     # noise levels, ditx.diffusion.class_errors), then sampled with the class guidance; 0: off
     frame_class_levels: int = 0
+    # the levels split over this many views of the held frames: the first as given, the others
+    # shifted by frame_class_shift pixels (right, left, down, up, then diagonally; at most 9), so
+    # that the model's errors on one placement of the frame do not decide alone
+    frame_class_views: int = 1
+    frame_class_shift: int = 3
     num_samples: int = 16
     batch_size: int = 16
     use_ema: bool = True

@@ -3,9 +3,11 @@
 at several ``sample.frame_guidance_scale`` values, in one bucket, scored by the recipe's first metric.
 ``--class-levels K`` (``sample.frame_class_levels``, default the recipe's): the class is first read
 from each frame by the model at K noise levels, then guided towards; the table then also says how
-often the class read is the clip's own.
+often the class read is the clip's own; ``--class-views V`` (``sample.frame_class_views``) shares
+the levels among V placements of the frame.
 
-    python examples/frame_guidance_sweep.py RUN [--bucket 0] [--num 64] [--scales 1 2 4 6 8 12] [--class-levels 32]
+    python examples/frame_guidance_sweep.py RUN [--bucket 0] [--num 64] [--scales 1 2 4 6 8 12] \
+        [--class-levels 32] [--class-views 4]
 """
 
 import argparse
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4, 6, 8, 12])
     parser.add_argument("--class-levels", type=int, default=None,
                         help="sample.frame_class_levels: read the class from the frame first (0: off)")  # fmt: skip
+    parser.add_argument("--class-views", type=int, default=None,
+                        help="sample.frame_class_views: placements of the frame sharing the levels")  # fmt: skip
     args = parser.parse_args()
     recipe, parts, model = load_for_sampling(args.run)
     reference = reference_dataset(recipe)
@@ -37,13 +41,15 @@ def main() -> None:
     built[0][1].prepare(reference, "cpu")
     cfg = dataclasses.replace(recipe.eval, num_samples=args.num, batch_size=args.num)
     levels = recipe.sample.frame_class_levels if args.class_levels is None else args.class_levels
+    views = recipe.sample.frame_class_views if args.class_views is None else args.class_views
     read = " class read right |" if levels else ""
     print(f"| frame guidance |{read} frame accuracy (class kept) | clip consistency | motion px | "
           f"network evaluations |")  # fmt: skip
     print("| --- | --- | --- | --- | --- |" + (" --- |" if levels else ""))
     for scale in args.scales:
         sample_cfg = dataclasses.replace(recipe.sample, seed=cfg.seed, batch_size=cfg.batch_size,
-                                         frame_guidance_scale=scale, frame_class_levels=levels)  # fmt: skip
+                                         frame_guidance_scale=scale, frame_class_levels=levels,
+                                         frame_class_views=views)  # fmt: skip
         scores, record = _generate_and_score(parts, model, reference, built, cfg, sample_cfg, torch.device("cpu"),
                                              "first_frame")  # fmt: skip
         right = f" {scores['inferred_class_accuracy']:.3f} |" if levels else ""

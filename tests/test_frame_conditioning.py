@@ -271,8 +271,9 @@ def check_sampling_from_given_frames(run, tmp_path, capsys):
 def check_reading_the_class_of_given_frames(run, tmp_path):
     """sample.frame_class_levels: the null-class samples given frames take the class the model reads
     from their frames held still (the nearest given frame at every frame), each on its own seeded
-    noise, whatever the batch size; samples asked for a class keep it; ``ditx sample --first-frame``
-    names its files by the class read."""
+    noise, whatever the batch size; with frame_class_views, from the held clip as given and moved by
+    frame_class_shift pixels (right, left, down), the edge repeated; samples asked for a class keep
+    it; ``ditx sample --first-frame`` names its files by the class read."""
     import dataclasses
 
     import numpy as np
@@ -293,23 +294,33 @@ def check_reading_the_class_of_given_frames(run, tmp_path):
 
     def spy(*args, **kwargs):
         errors = class_errors(*args, **kwargs)
-        read.append((args[2].clone(), kwargs["noise"].clone(), errors))
+        read.append((torch.stack(list(args[2])), kwargs["noise"].clone(), errors))  # views (V, B, ...)
         return errors
+
+    def moved(clip, down, right):  # by hand: pixel (y, x) from (y - down, x - right), the edge repeated
+        out = torch.empty_like(clip)
+        for y in range(24):
+            for x in range(24):
+                out[..., y, x] = clip[..., min(max(y - down, 0), 23), min(max(x - right, 0), 23)]
+        return out
 
     import ditx.diffusion
 
-    for batch_size in (1, 3):
+    for batch_size, views in ((1, 1), (3, 3)):
         read.clear()
-        config = dataclasses.replace(recipe.sample, frame_class_levels=levels, batch_size=batch_size, seed=5)
+        config = dataclasses.replace(recipe.sample, frame_class_levels=levels, batch_size=batch_size, seed=5,
+                                     frame_class_views=views, frame_class_shift=2)  # fmt: skip
         stats = {}
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(ditx.diffusion, "class_errors", spy)
             _, labels = generate(parts, model, 3, labels=torch.tensor([null, 7, null]), config=config,
                                  frames=(clips, masks), stats=stats)  # fmt: skip
-        x0, noise, errors = (torch.cat(v) for v in zip(*read))
+        x0, noise, errors = (torch.cat(v, dim=1 if k == 0 else 0) for k, v in enumerate(zip(*read)))
         assert len(read) == (2 if batch_size == 1 else 1)  # only the null-class samples, in batches
         # pixel space: the clips held still at their nearest given frames, each on noise seeded by its index
-        torch.testing.assert_close(x0, torch.stack([clips[i][:, nearest[i]] for i in (0, 2)]))
+        held = torch.stack([clips[i][:, nearest[i]] for i in (0, 2)])
+        expected = [held, moved(held, 0, 2), moved(held, 0, -2)][:views]
+        torch.testing.assert_close(x0, torch.stack(expected))
         for row, i in enumerate((0, 2)):
             seeded = torch.Generator().manual_seed(5 + i)
             assert torch.equal(noise[row], torch.randn(levels, 3, 4, 24, 24, generator=seeded))
@@ -549,10 +560,10 @@ def test_hold_given_frames_takes_the_nearest_given_frame():
 @pytest.mark.parametrize("objective", [RectifiedFlowObjective(), DDPMObjective(learn_sigma=False)],
                          ids=["flow", "ddpm"])  # fmt: skip
 def test_class_errors_are_each_class_loss_on_the_same_noise_at_even_levels(objective):
-    """A diffusion classifier: each class's error is the objective's own loss (checked against the
-    loss written out) averaged over levels at the middles of equal parts of the noise range, every
-    class on the same noise; a model that denoises exactly under one class per sample is read as
-    that class."""
+    """A diffusion classifier: each class's error is the geometric mean over the levels (the
+    objective's quantiles) of the objective's own loss (checked against the loss written out),
+    every class on the same noise; a model that denoises exactly under one class per sample is read
+    as that class, and one level's loss scale does not rule the others."""
     model = video_dit()
     g = torch.Generator().manual_seed(4)
     x0, noise = torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 5, 3, 4, 8, 8, generator=g)
@@ -563,7 +574,7 @@ def test_class_errors_are_each_class_loss_on_the_same_noise_at_even_levels(objec
         torch.testing.assert_close(levels, torch.tensor(expected))
     else:
         assert levels.tolist() == [100, 300, 500, 700, 900]
-    expected = torch.zeros(2, 3)
+    losses = torch.zeros(5, 2, 3)  # (level, sample, class)
     with torch.no_grad():
         for i, level in enumerate(levels):
             eps = noise[:, i]
@@ -575,8 +586,8 @@ def test_class_errors_are_each_class_loss_on_the_same_noise_at_even_levels(objec
                 x_t, target, t_model = a**0.5 * x0 + (1 - a) ** 0.5 * eps, eps, level.float()
             for c in range(3):
                 out = model(x_t.float(), t_model.float().expand(2), torch.full((2,), c))
-                expected[:, c] += ((out - target) ** 2).mean((1, 2, 3, 4)) / 5
-    torch.testing.assert_close(errors, expected, rtol=1e-4, atol=1e-6)
+                losses[i, :, c] = ((out - target) ** 2).mean((1, 2, 3, 4))
+    torch.testing.assert_close(errors, losses.prod(0) ** (1 / 5), rtol=1e-4, atol=1e-6)
 
     truth = torch.tensor([2, 0])
 
@@ -587,3 +598,65 @@ def test_class_errors_are_each_class_loss_on_the_same_noise_at_even_levels(objec
 
     read = class_errors(oracle, RectifiedFlowObjective(), x0, 3, 4, generator=torch.Generator().manual_seed(0))
     assert read.argmin(1).tolist() == [2, 0] and read[[0, 1], [2, 0]].abs().max() < 1e-8
+
+
+def test_class_errors_weigh_every_level_alike():
+    """At a low level class 0's loss is half class 1's; at a high level, with losses 100 times
+    larger, class 1's is 3% less. An arithmetic mean would follow the loud level (51.5 vs 51);
+    the geometric mean reads class 0 (sqrt(1 * 103) vs sqrt(2 * 100))."""
+
+    class TwoLevels:
+        table = torch.tensor([[1.0, 2.0], [103.0, 100.0]])  # (level, class) losses
+
+        def levels(self, num, shape):
+            return torch.arange(num, dtype=torch.float32)
+
+        def loss(self, model, x0, *, y, model_kwargs, noise, t):
+            return {"mse": self.table[t.long(), y]}
+
+    errors = class_errors(None, TwoLevels(), torch.zeros(1, 3, 2, 4, 4), 2, 2, noise=torch.zeros(1, 2, 3, 2, 4, 4))
+    torch.testing.assert_close(errors, torch.tensor([[103.0**0.5, 200.0**0.5]]))
+    assert errors.argmin(1).tolist() == [0]
+
+
+def test_class_errors_share_the_levels_among_views():
+    """Given views of the same samples, level i noises view i mod V (each view read at levels spread
+    over the range), on that level's noise, and the errors are the geometric mean over all levels."""
+    seen = []
+
+    class Record:
+        def levels(self, num, shape):
+            return torch.arange(num, dtype=torch.float32)
+
+        def loss(self, model, x0, *, y, model_kwargs, noise, t):
+            seen.append((int(t[0]), int(x0[0, 0, 0, 0]), int(noise[0, 0, 0, 0]), int(y[0])))
+            return {"mse": x0[:, 0, 0, 0] + 10 * t + y}  # which view and level and class it was given
+
+    views = [torch.full((1, 1, 2, 2), float(v)) for v in range(3)]
+    noise = torch.arange(5.0).view(1, 5, 1, 1, 1).expand(1, 5, 1, 2, 2)
+    errors = class_errors(None, Record(), views, 2, 5, noise=noise)
+    assert [(t, view, n) for t, view, n, c in seen if c == 0] == [(i, i % 3, i) for i in range(5)]
+    for c in range(2):
+        losses = torch.tensor([i % 3 + 10 * i + c for i in range(5)], dtype=torch.float32)
+        torch.testing.assert_close(errors[0, c], losses.log().mean().exp())
+    with pytest.raises(ValueError, match="x0 .* or views of one shape"):
+        class_errors(None, Record(), [views[0], torch.zeros(1, 1, 3, 3)], 2, 5, noise=noise)
+
+
+def test_shifted_views_move_the_frames_with_the_edge_repeated():
+    from ditx.diffusion.frames import shifted_views
+
+    clip = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)  # (..., H=5, W=7)
+    offsets = [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)]  # (down, right)
+    views = shifted_views(clip, 9, 2)
+    for view, (down, right) in zip(views, offsets):
+        expected = torch.empty_like(clip)
+        for y in range(5):
+            for x in range(7):
+                expected[..., y, x] = clip[..., min(max(y - 2 * down, 0), 4), min(max(x - 2 * right, 0), 6)]
+        assert torch.equal(view, expected)
+    assert torch.equal(shifted_views(clip, 1, 0)[0], clip)
+    with pytest.raises(ValueError, match=r"frame_class_views=10: allowed 1 to 9 views"):
+        shifted_views(clip, 10, 2)
+    with pytest.raises(ValueError, match=r"frame_class_shift=5: allowed a whole number of pixels from 1 to 4"):
+        shifted_views(clip, 2, 5)

@@ -142,3 +142,26 @@ def hold_given_frames(clip: Tensor, mask: Tensor) -> Tensor:
     nearest = distance.argmin(-1)  # (..., T); ties: the earlier frame (argmin's first)
     index = nearest[..., None, :, None, None].expand(*clip.shape)
     return clip.gather(-3, index)
+
+
+# (down, right) offsets of the views of held frames the class is read from (``shifted_views``)
+VIEW_OFFSETS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def shifted_views(clip: Tensor, views: int, shift: int) -> list[Tensor]:
+    """``views`` copies of ``clip`` (..., H, W): the first as it is, the others moved by ``shift``
+    pixels (right, left, down, up, then diagonally), the edge pixels repeated into the gap. The
+    model's reading of the class over several placements of the same frames
+    (``sample.frame_class_views``)."""
+    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEW_OFFSETS):
+        raise ValueError(f"sample.frame_class_views={views!r}: allowed 1 to {len(VIEW_OFFSETS)} views")
+    H, W = clip.shape[-2:]
+    if isinstance(shift, bool) or not isinstance(shift, int) or not (0 < shift < min(H, W) or views == 1):
+        raise ValueError(f"sample.frame_class_shift={shift!r}: allowed a whole number of pixels from 1 to "
+                         f"{min(H, W) - 1} (frames of {H}x{W})")  # fmt: skip
+    out = []
+    for dy, dx in VIEW_OFFSETS[:views]:
+        rows = (torch.arange(H, device=clip.device) - dy * shift).clamp(0, H - 1)  # source row of each row
+        cols = (torch.arange(W, device=clip.device) - dx * shift).clamp(0, W - 1)
+        out.append(clip[..., rows, :][..., cols])
+    return out

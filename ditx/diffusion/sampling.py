@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -197,7 +197,7 @@ def sample(
 def class_errors(
     model: Callable[..., Tensor],
     objective: Objective,
-    x0: Tensor,
+    x0: Tensor | Sequence[Tensor],
     num_classes: int,
     levels: int,
     *,
@@ -207,15 +207,25 @@ def class_errors(
     progress: bool = False,
 ) -> Tensor:
     """The model as a classifier of ``x0`` (B, C, *spatial): (B, ``num_classes``) denoising errors,
-    each the mean of its training loss under that class over ``levels`` noise levels spread as
-    training draws them (``Objective.levels``: an estimate of the training loss); the likeliest class has the
-    least (``errors.argmin(1)``). A diffusion classifier (Li et al. 2023, "Your Diffusion Model is
+    each the geometric mean of its training loss under that class over ``levels`` noise levels
+    spread as training draws them (``Objective.levels``); the likeliest class has the least
+    (``errors.argmin(1)``). A diffusion classifier (Li et al. 2023, "Your Diffusion Model is
     Secretly a Zero-Shot Classifier"): the classes are compared on the same noise at every level,
-    so they differ only in the label. ``noise``: (B, levels, C, *spatial), else drawn from
-    ``generator``. ``num_classes * levels`` model evaluations of the batch; ``progress``: a bar
-    over the levels."""
+    so they differ only in the label. The geometric mean compares them by the ratio of their
+    losses at each level, so every level weighs alike; an arithmetic mean is ruled by the noisiest
+    levels, whose losses are the largest (the tiny bucketed recipe's first frames read right in
+    0.914-0.953 per bucket against 0.891-0.945, docs/video.md). ``x0`` may also be a sequence of
+    V views of the same samples (``ditx.diffusion.frames.shifted_views``): level i then noises view
+    i mod V, so each view is read at levels spread over the range and the model's errors on one
+    view do not decide alone. ``noise``: (B, levels, C, *spatial), else drawn from ``generator``.
+    ``num_classes * levels`` model evaluations of the batch; ``progress``: a bar over the levels."""
     if levels < 1 or num_classes < 1:
         raise ValueError(f"class_errors needs levels >= 1 and num_classes >= 1, got {levels} and {num_classes}")
+    views = [x0] if isinstance(x0, Tensor) else list(x0)
+    if not views or any(v.shape != views[0].shape for v in views):
+        raise ValueError(f"class_errors takes x0 (B, C, *spatial) or views of one shape, got "
+                         f"{[tuple(v.shape) for v in views]}")  # fmt: skip
+    x0 = views[0]
     B = x0.shape[0]
     if noise is None:
         gen_device = generator.device if generator is not None else x0.device
@@ -233,9 +243,10 @@ def class_errors(
     for i, t in steps:
         for c in range(num_classes):
             y = torch.full((B,), c, device=x0.device, dtype=torch.long)
-            loss = objective.loss(model, x0, y=y, model_kwargs=model_kwargs, noise=noise[:, i], t=t.expand(B))
-            errors[:, c] += loss["mse"].float()
-    return errors / levels
+            loss = objective.loss(model, views[i % len(views)], y=y, model_kwargs=model_kwargs, noise=noise[:, i],
+                                  t=t.expand(B))  # fmt: skip
+            errors[:, c] += loss["mse"].float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    return (errors / levels).exp()
 
 
 def _run_branches(model, inputs, t_model: Tensor, B: int) -> Tensor:
