@@ -160,7 +160,8 @@ def infer_frame_classes(
         source = torch.zeros_like(chosen) if shared else chosen  # the rows of clip and mask to read
         held = shifted_views(hold_given_frames(clip[source], mask[source]), config.frame_class_views,
                              config.frame_class_shift)  # fmt: skip
-        views = [_encode_given_frames(parts, (view, mask[source]), device)[0] for view in held]
+        # level i reads view i mod V: views past the number of levels are never read
+        views = [_encode_given_frames(parts, (view, mask[source]), device)[0] for view in held[:levels]]
         shape = views[0].shape[1:]
         noise = torch.stack([torch.randn(levels, *shape, generator=torch.Generator().manual_seed(config.seed + i))
                              for i in chosen.tolist()])  # fmt: skip

@@ -268,6 +268,16 @@ def check_sampling_from_given_frames(run, tmp_path, capsys):
         read_given_frames(first_png, 2, 24)
 
 
+def moved_by_hand(clip, down, right):
+    """(..., H, W) with pixel (y, x) taken from (y - down, x - right), the edge repeated."""
+    H, W = clip.shape[-2:]
+    out = torch.empty_like(clip)
+    for y in range(H):
+        for x in range(W):
+            out[..., y, x] = clip[..., min(max(y - down, 0), H - 1), min(max(x - right, 0), W - 1)]
+    return out
+
+
 def check_reading_the_class_of_given_frames(run, tmp_path):
     """sample.frame_class_levels: the null-class samples given frames take the class the model reads
     from their frames held still (the nearest given frame at every frame), each on its own seeded
@@ -297,13 +307,6 @@ def check_reading_the_class_of_given_frames(run, tmp_path):
         read.append((torch.stack(list(args[2])), kwargs["noise"].clone(), errors))  # views (V, B, ...)
         return errors
 
-    def moved(clip, down, right):  # by hand: pixel (y, x) from (y - down, x - right), the edge repeated
-        out = torch.empty_like(clip)
-        for y in range(24):
-            for x in range(24):
-                out[..., y, x] = clip[..., min(max(y - down, 0), 23), min(max(x - right, 0), 23)]
-        return out
-
     import ditx.diffusion
 
     for batch_size, views in ((1, 1), (3, 3)):
@@ -319,7 +322,7 @@ def check_reading_the_class_of_given_frames(run, tmp_path):
         assert len(read) == (2 if batch_size == 1 else 1)  # only the null-class samples, in batches
         # pixel space: the clips held still at their nearest given frames, each on noise seeded by its index
         held = torch.stack([clips[i][:, nearest[i]] for i in (0, 2)])
-        expected = [held, moved(held, 0, 2), moved(held, 0, -2)][:views]
+        expected = [held, moved_by_hand(held, 0, 2), moved_by_hand(held, 0, -2)][:views]
         torch.testing.assert_close(x0, torch.stack(expected))
         for row, i in enumerate((0, 2)):
             seeded = torch.Generator().manual_seed(5 + i)
@@ -650,11 +653,7 @@ def test_shifted_views_move_the_frames_with_the_edge_repeated():
     offsets = [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)]  # (down, right)
     views = shifted_views(clip, 9, 2)
     for view, (down, right) in zip(views, offsets):
-        expected = torch.empty_like(clip)
-        for y in range(5):
-            for x in range(7):
-                expected[..., y, x] = clip[..., min(max(y - 2 * down, 0), 4), min(max(x - 2 * right, 0), 6)]
-        assert torch.equal(view, expected)
+        assert torch.equal(view, moved_by_hand(clip, 2 * down, 2 * right))
     assert torch.equal(shifted_views(clip, 1, 0)[0], clip)
     with pytest.raises(ValueError, match=r"frame_class_views=10: allowed 1 to 9 views"):
         shifted_views(clip, 10, 2)
