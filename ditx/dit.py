@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -152,33 +153,49 @@ def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
     return (tokens * keep).sum(1) / keep.sum(1)
 
 
+def _runs(x: Tensor, values: Tensor) -> Tensor:
+    """(B, N, D) tokens viewed as (B, F, N / F, D): the contiguous runs of ``values``' (B, F, 1, D)."""
+    return x.unflatten(1, (values.shape[1], -1))
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x * (1 + scale) + shift over (B, N, D) tokens, with per-sample (B, D) shift/scale
-    or per-token (B, N, D) ones (``modulations``)."""
+    or (B, F, 1, D) ones for F contiguous runs of tokens (``modulations``)."""
     if shift.ndim == 2:
-        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return torch.addcmul(shift, x, 1 + scale)
+        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    return torch.addcmul(shift, _runs(x, shift), 1 + scale).flatten(1, 2)
 
 
-# frame conditioning: (the condition of clean frames (B, D), which tokens are clean (B, N) bool)
+# frame conditioning: (the condition of clean frames (B, D), which runs of tokens are clean
+# (B, F) bool: the N tokens split into F equal contiguous runs, F = N or the grid's first axis)
 CleanTokens = tuple[Tensor, Tensor]
 
 
 def modulations(layer: nn.Module, c: Tensor, chunks: int, clean: CleanTokens | None) -> list[Tensor]:
     """adaLN's ``chunks`` regressed values (shift, scale, gate, ...): (B, D) each from the (B, D)
-    condition ``c``; with clean conditioning frames, (B, N, D) each, taking the values of the
-    clean frames' condition on their tokens."""
+    condition ``c``; with clean conditioning frames, (B, F, 1, D) each, taking the values of the
+    clean frames' condition on their runs of tokens. Selecting per run, not per token, keeps
+    the selection and its gradient's reduction F-sized: per token they took 10% of the tiny
+    video recipe's step (torch.profiler)."""
     values = layer(c).chunk(chunks, dim=1)
     if clean is None:
         return list(values)
-    c_clean, tokens = clean
+    c_clean, runs = clean
     values_clean = layer(c_clean).chunk(chunks, dim=1)
-    keep = tokens[..., None]  # (B, N, 1)
-    return [torch.where(keep, v0[:, None], v[:, None]) for v, v0 in zip(values, values_clean)]
+    keep = runs[..., None]  # (B, F, 1)
+    return [torch.where(keep, v0[:, None], v[:, None]).unsqueeze(2) for v, v0 in zip(values, values_clean)]
 
 
 def _gated(gate: Tensor, x: Tensor) -> Tensor:
-    return (gate.unsqueeze(1) if gate.ndim == 2 else gate) * x
+    if gate.ndim == 2:
+        return gate.unsqueeze(1) * x
+    return (gate * _runs(x, gate)).flatten(1, 2)
+
+
+def _rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """``norm(x)`` with its weight in x's dtype: under bf16 autocast a float32 weight beside bf16
+    queries sends torch to its unfused RMSNorm (several elementwise passes and a warning)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
 class Attention(nn.Module):
@@ -227,7 +244,7 @@ class Attention(nn.Module):
         """(B', heads, n, d) queries, keys, values -> attention output: QK norm, rotary positions
         ((n, d/2) tables, the same for every sequence of the block), then the backend."""
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = _rms_norm(self.q_norm, q), _rms_norm(self.k_norm, k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return attention(q, k, v, mask=mask, backend=self.backend)
@@ -620,7 +637,9 @@ class DiT(nn.Module):
         return ti, 1 if patch is None else patch[ti]
 
     def _clean_tokens(self, frame_mask: Tensor, grid: Grid, batch: int) -> Tensor:
-        """(B, T) bool over frames -> (B, N) bool over tokens: which tokens hold clean frames."""
+        """(B, T) bool over frames -> (B, F) bool over F equal contiguous runs of the tokens: which
+        hold clean frames; a run is one slice of the grid's first axis when time is that axis
+        (a row-major grid), else one token."""
         ti, p = self.time_axis("frame_mask")
         if frame_mask.shape != (batch, grid[ti] * p):
             raise ValueError(f"frame_mask must be (B, frames) = ({batch}, {grid[ti] * p}) bool, "
@@ -630,7 +649,10 @@ class DiT(nn.Module):
             raise ValueError(f"frame_mask splits a token: the tokenizer patches {p} frames together, so clean "
                              f"frames must come in whole groups of {p} (a causal VAE's first latent frame "
                              f"is one image: patch it alone)")  # fmt: skip
-        return per_token[:, :, 0][:, _frame_of_position(grid, ti, frame_mask.device)]  # (B, N)
+        per_token = per_token[:, :, 0]  # (B, grid[ti])
+        if ti == 0:
+            return per_token  # (B, grid[0])
+        return per_token[:, _frame_of_position(grid, ti, frame_mask.device)]  # (B, N)
 
     def _image_masks(self, grid: Grid, num_images: int, device) -> dict:
         """{block.attend: (n, n) bool mask} keeping image frames out of attention over time."""

@@ -57,6 +57,32 @@ def test_per_sample_masks_and_the_context_pool_reach_clean_tokens():
     assert (out_a[1] - out_b[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2)])
+def test_clean_frames_selected_per_time_slice_equal_the_per_token_selection(patch, monkeypatch):
+    """With time the grid's first axis, the blocks choose adaLN values per time slice of tokens
+    (B, T, 1, D); the outputs and gradients equal choosing them token by token (the mask
+    written out for each token, which the blocks also take)."""
+    model = video_dit(patch=patch).train()
+    x, t, y = torch.randn(3, 3, 4, 8, 8), torch.tensor([500.0, 300.0, 20.0]), torch.tensor([0, 1, 2])
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False], [False, False, True, True]])
+
+    def run():
+        model.zero_grad()
+        out = model(x, t, y, frame_mask=mask, force_drop=torch.zeros(3, dtype=torch.bool))
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    per_slice, grads = run()
+    runs = model._clean_tokens(mask, (4 // patch[0], 4, 4), 3)
+    assert runs.shape == (3, 4 // patch[0])  # one value per time slice, not per token
+    by_hand = mask[:, :: patch[0]][:, torch.arange(runs.shape[1] * 16) // 16]  # (B, N): a token's frame, 16 a slice
+    monkeypatch.setattr(model, "_clean_tokens", lambda *a: by_hand)
+    per_token, token_grads = run()
+    torch.testing.assert_close(per_slice, per_token)
+    for a, b in zip(grads, token_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_frame_masks_must_fit_the_frames_and_the_temporal_patches():
     model = video_dit(patch=(2, 2, 2))
     x, t = torch.randn(1, 3, 4, 8, 8), torch.tensor([10.0])
