@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ditx.build import build_components, lr_lambda, run_relative
+from ditx.build import adamw, build_components, lr_lambda, run_relative
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
 from ditx.files import atomic_write, pause_point
@@ -256,7 +256,8 @@ class Trainer:
         self.autoencoder.to(accelerator.device)
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         self.ema.model.to(accelerator.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        optimizer = adamw(model.parameters(), accelerator.device, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          betas=cfg.betas)  # fmt: skip
         schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block

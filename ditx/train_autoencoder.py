@@ -74,7 +74,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     from torch.utils.data import DataLoader, Subset, default_collate
     from tqdm.auto import tqdm
 
-    from ditx.build import build_autoencoder, build_dataset, lr_lambda
+    from ditx.build import adamw, build_autoencoder, build_dataset, lr_lambda
     from ditx.files import atomic_write
     from ditx.writers import writer_for
 
@@ -138,7 +138,7 @@ def train_autoencoder(recipe: Recipe, out: str | Path | None = None, overwrite: 
     initial, _, _ = _held_out_metrics(ae, held_batch)
     ae.trainable()
     params = [p for p in ae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = adamw(params, device, lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
