@@ -364,6 +364,20 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+@functools.cache
+def compile_problem(device_type: str) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device_type`` (``"cpu"``, ``"cuda"``) here; None if it
+    can. Inductor builds C++ kernels on CPU (a C++ compiler and Python's headers) and Triton ones
+    on GPUs, and without them the first compiled forward fails; a tiny function compiled once per
+    process and device type tells beforehand (a few seconds, the imports a real compile needs)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(8, device=device_type))
+    except Exception as e:  # a missing compiler or header, an unsupported platform
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"torch.compile does not run on {device_type} here ({type(e).__name__}: {first})"
+    return None
+
+
 class DiT(nn.Module):
     """Diffusion Transformer over the tokens of any registered tokenizer.
 

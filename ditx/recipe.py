@@ -82,7 +82,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = False  # RMS-normalised queries and keys (SD3, FLUX)
     gradient_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | Literal["auto"] = False  # auto: where torch.compile runs here (ditx.dit.compile_problem)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ditx.build import adamw, build_components, lr_lambda, run_relative
 from ditx.data import BucketBatchSampler, GlobalBatchSampler, SkipBadSamples, collate_skipping_errors, step_generator
 from ditx.diffusion.frames import check_frame_mask_mix, draw_frame_masks
+from ditx.dit import compile_problem
 from ditx.files import atomic_write, pause_point
 from ditx.parallel import enable_sequence_parallel, sequence_parallel_groups
 from ditx.precision import resolve_precision
@@ -260,8 +261,13 @@ class Trainer:
                           betas=cfg.betas)  # fmt: skip
         schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        if recipe.model.compile:  # in place, before DDP/FSDP wrap it; a DiT compiles block by block
-            model.compile_blocks()
+        if self._compiles(recipe.model.compile, accelerator.device):  # in place, before DDP/FSDP wrap it
+            # one static graph per grid shape (each bucket's), faster than dynamic shapes' one graph
+            # (benchmarks/bench_bucket_step.py), so dynamo may keep a graph for each bucket, with and
+            # without clean frames
+            shapes = 2 * len(getattr(self.dataset, "buckets", None) or [None])
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+            model.compile_blocks(dynamic=False)  # a DiT compiles block by block
         # the LR schedule counts optimizer steps and is stepped by hand: accelerate's wrapper would
         # step it once per process, making warmup depend on the number of processes
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -386,6 +392,21 @@ class Trainer:
                 given, drop = self.frame_mask_all.any(1), torch.rand(batch, generator=g) < p
                 self.drop_all = torch.where(given, drop, self.drop_all)
                 self.caption_drop_all = torch.where(given, drop, self.caption_drop_all)
+
+    @staticmethod
+    def _compiles(setting: bool | str, device: torch.device) -> bool:
+        """``model.compile``: true compiles (a clear error where torch.compile cannot run here),
+        auto compiles where it can and trains eagerly, saying why, where it cannot."""
+        if setting is False:
+            return False
+        problem = compile_problem(device.type)
+        if problem is None:
+            return True
+        if setting == "auto":
+            logger.warning("model.compile=auto: training without torch.compile: %s", problem)
+            return False
+        raise RuntimeError(f"model.compile=true, but {problem}; set model.compile: auto (compile where it can) "
+                           f"or false")  # fmt: skip
 
     def _frame_mask_mix(self, model) -> tuple[dict[str, float], int] | None:
         """(the checked mix, frames per token) when the recipe trains with frame masks, else None."""

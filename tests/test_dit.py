@@ -276,6 +276,29 @@ def test_compiled_training_gradients_match_eager():
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
+def test_compiled_blocks_with_rope_qk_norm_and_clean_frames_match_eager_across_grids():
+    """What video/moving-digits-buckets compiles (model.compile: auto): rotary positions, QK norm and
+    clean conditioning frames, one grid after another as buckets change, gradients included."""
+    ref = randomize(tiny_video_dit(position="rope", qk_norm=True, num_classes=3)).train()
+    compiled = copy.deepcopy(ref).compile_blocks()
+    g = torch.Generator().manual_seed(0)
+    for frames, width in ((2, 4), (3, 6), (2, 6)):
+        x = torch.randn(3, 3, frames, 4, width, generator=g)
+        t, y, drop = torch.tensor([10.0, 700.0, 300.0]), torch.tensor([0, 2, 1]), torch.tensor([False, True, False])
+        mask = torch.zeros(3, frames, dtype=torch.bool)
+        mask[0, 0] = mask[2, -1] = True
+        outs = []
+        for m in (ref, compiled):
+            m.zero_grad(set_to_none=True)
+            out = m(x, t, y, force_drop=drop, frame_mask=mask)
+            out.square().mean().backward()
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+        for (name, a), b in zip(compiled.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("layout", ["spatial-temporal", "joint"])
 def test_image_frames_stay_out_of_attention_over_time(layout):
     """Joint image-video training: the last num_images frames are independent images."""

@@ -142,6 +142,47 @@ def test_resolve_precision_measures_and_warns_about_slow_bf16(monkeypatch, caplo
         precision.resolve_precision("fp8", "cpu")
 
 
+@pytest.mark.parametrize("setting, problem, compiled", [
+    ("auto", None, True), ("auto", "torch.compile does not run on cpu here (no compiler)", False),
+    (True, None, True), (False, None, False),
+])  # fmt: skip
+def test_model_compile_auto_compiles_where_torch_compile_runs(tiny_recipe, tmp_path, monkeypatch, caplog,
+                                                             setting, problem, compiled):  # fmt: skip
+    from ditx import train as train_job
+    from ditx.dit import DiT
+
+    calls = []
+    monkeypatch.setattr(DiT, "compile_blocks", lambda self, **kw: calls.append(self) or self)
+    monkeypatch.setattr(train_job, "compile_problem", lambda device_type: problem)
+    with caplog.at_level("WARNING", logger="ditx.train"):
+        train(tiny_recipe(model={"compile": setting}, train={"steps": 1}), run_dir=tmp_path / "run")
+    assert len(calls) == int(compiled)
+    assert ("training without torch.compile: torch.compile does not run on cpu here (no compiler)" in caplog.text) == (
+        problem is not None
+    )
+
+
+def test_model_compile_true_where_torch_compile_cannot_run_is_an_error(tiny_recipe, tmp_path, monkeypatch):
+    from ditx import train as train_job
+
+    monkeypatch.setattr(train_job, "compile_problem", lambda device_type: "torch.compile does not run on cpu here (X)")
+    with pytest.raises(RuntimeError, match=r"model.compile=true, but torch.compile does not run on cpu here \(X\); "
+                                           r"set model.compile: auto"):  # fmt: skip
+        train(tiny_recipe(model={"compile": True}, train={"steps": 1}), run_dir=tmp_path / "run")
+
+
+def test_compile_problem_names_a_missing_cxx_compiler(tmp_path):
+    """The real probe: a C++ compiler that is not there (and an empty kernel cache, so nothing
+    compiled earlier is reused) is reported; the machine's own compiler passes."""
+    probe = "from ditx.dit import compile_problem; print(compile_problem('cpu'))"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "kernels")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "torch.compile does not run on cpu here (InductorError: InvalidCxxCompiler" in out, out
+    from ditx.dit import compile_problem
+
+    assert compile_problem("cpu") is None
+
+
 def test_adamw_runs_fused_on_cpu_and_takes_adamws_steps():
     """The training jobs' optimizer (fused kernel on CPU) against AdamW written out: decoupled decay,
     bias-corrected moments."""
