@@ -119,6 +119,7 @@ def train_calls(data: dict[str, Path], recipes: list[str], case: str) -> list[li
             f"data.root={root / 'moving-buckets'}", "data.num_clips_train=16", "data.num_clips_test=10",
             "data.buckets=[{size: [8, 32, 32], batch_size: 2}, {size: [12, 32, 32], batch_size: 2}, "
             "{size: [8, 32, 48], batch_size: 2}, {size: [12, 32, 48], batch_size: 2}]",
+            "model.compile=false",  # two steps: compiling (model.compile: auto) would cost more than they do
             *_small_autoencoder_stage(), "autoencoder_train.num_workers=0", *_two_steps(),
         ],
         "video/latte-t2v": [
