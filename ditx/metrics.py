@@ -249,6 +249,10 @@ def import_torchmetrics():
 def _check_features(name: str, features: Tensor) -> Tensor:
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"{name} must be (N >= 2, D) features, got shape {tuple(features.shape)}")
+    bad = int((~torch.isfinite(features)).any(1).sum())
+    if bad:  # else the eigenvalues below abort the process inside MKL (seen on an Intel CPU)
+        raise ValueError(f"{name}: {bad} of {len(features)} rows are not finite (NaN or inf): the samples or "
+                         f"reference they were computed from hold NaN or inf")  # fmt: skip
     return features.detach().double().cpu()
 
 

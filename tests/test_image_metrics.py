@@ -73,6 +73,17 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     assert abs(core.frechet_distance(a, a)) < 1e-8
 
 
+def test_distances_refuse_non_finite_features_with_a_clear_error():
+    """NaN features (samples of a diverged model) get a ValueError naming them, not an abort in MKL's eigvals."""
+    a, b = torch.randn(40, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    b[3, 2] = float("nan")
+    b[7, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"features_b: 2 of 30 rows are not finite"):
+        core.frechet_distance(a, b)
+    with pytest.raises(ValueError, match=r"features_b: 2 of 30 rows are not finite"):
+        core.kernel_distance(a, b, subsets=2, subset_size=10)
+
+
 def test_frechet_distance_matches_scipy_sqrtm_for_general_covariances():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(150, 5)) @ rng.normal(size=(5, 5)) + 1.0
