@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["train_step", "video_step", "attention", "sampling", "data", "shape3d"]
+SCRIPTS = ["train_step", "video_step", "attention", "sampling", "data", "shape3d", "patch_embed"]
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ditx.positions import sincos_nd
 
@@ -109,12 +110,14 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class PatchTokenizer(Tokenizer):
-    """Non-overlapping N-D patches embedded by a strided convolution (1D, 2D or 3D).
+    """Non-overlapping N-D patches embedded by a strided convolution's weights (1D, 2D or 3D).
 
     ``patch_size`` has one entry per spatial axis; e.g. ``(2, 2)`` on images or
     ``(1, 2, 2)`` on video. Token values in ``untokenize`` are laid out as
     ``(*patch, channel)``, the layout of DiT's ``unpatchify``, so DiT's final layer
-    weights load unchanged.
+    weights load unchanged. The weights live in ``proj``, a ``ConvNd`` with kernel = stride =
+    ``patch_size`` (DiT's ``x_embedder.proj`` key layout); ``embed_patches`` applies them as
+    one matrix product over the flattened patches, the same map.
     """
 
     def __init__(
@@ -168,8 +171,19 @@ class PatchTokenizer(Tokenizer):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got {x.shape[1]}")
         grid = self.grid_for(x.shape[2:])
-        tokens = self.proj(x)  # (B, hidden, *grid)
-        return tokens.flatten(2).transpose(1, 2), grid  # (B, N, hidden)
+        return self.embed_patches(x), grid
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """(B, C, *spatial) -> (B, N, hidden): ``proj`` on each patch, as ``F.linear`` on the
+        patches flattened in the kernel's (channel, *patch) order, tokens in grid order (what
+        ``self.proj(x).flatten(2).transpose(1, 2)`` gives). Not the convolution itself: under
+        bf16 autocast on CPU, oneDNN's convolution gave wrong numbers, sometimes inf or NaN
+        that changed from call to call, for a kernel spanning the whole width (``(1, 16)`` on
+        16x16 inputs, 1, 4 or 8 channels; torch 2.13 on an Intel Xeon with AMX), where the
+        matrix product is right (``tests/test_tokenizer.py``)."""
+        sizes = {f"p{i}": p for i, p in enumerate(self.patch_size)}
+        patches = rearrange(x, _patchify_pattern(len(self.patch_size)), **sizes)  # (B, N, C * prod(patch))
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
     def untokenize(self, tokens: Tensor, grid: Grid) -> Tensor:
         # (B, N, *patch * C) -> (B, C, g0 * p0, g1 * p1, ...), e.g. on images
@@ -178,9 +192,20 @@ class PatchTokenizer(Tokenizer):
         return rearrange(tokens, _unpatchify_pattern(len(grid)), c=self.out_channels, **sizes)
 
 
-@functools.cache
-def _unpatchify_pattern(ndim: int) -> str:
+def _pattern_axes(ndim: int) -> tuple[str, str, str]:
+    """einops names of an N-D patch grid: the grid axes, the patch axes, the data axes (g p)."""
     grid = " ".join(f"g{i}" for i in range(ndim))
     patch = " ".join(f"p{i}" for i in range(ndim))
-    out = " ".join(f"(g{i} p{i})" for i in range(ndim))
-    return f"b ({grid}) ({patch} c) -> b c {out}"
+    return grid, patch, " ".join(f"(g{i} p{i})" for i in range(ndim))
+
+
+@functools.cache
+def _patchify_pattern(ndim: int) -> str:
+    grid, patch, data = _pattern_axes(ndim)
+    return f"b c {data} -> b ({grid}) (c {patch})"
+
+
+@functools.cache
+def _unpatchify_pattern(ndim: int) -> str:
+    grid, patch, data = _pattern_axes(ndim)
+    return f"b ({grid}) ({patch} c) -> b c {data}"

@@ -44,6 +44,31 @@ def test_patch_tokenizer_is_generic_over_dimensions():
     assert torch.equal(tok.untokenize(tokens, grid), x)
 
 
+@pytest.mark.parametrize(
+    "patch,channels,size",
+    [((1, 16), 1, (16, 16)), ((1, 16), 4, (16, 16)), ((1, 16), 8, (16, 16)), ((2, 2), 4, (32, 32)),
+     ((1, 2, 2), 4, (8, 8, 12)), ((2, 2, 2), 4, (8, 8, 12)), ((4,), 4, (64,))],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embedding_is_the_strided_convolution_in_every_precision(patch, channels, size, dtype):
+    """tokenize = the float64 convolution with the kernel = stride = patch (DiT's x_embedder),
+    also under bf16 autocast on CPU, call after call with changing batch sizes: there oneDNN's
+    bf16 convolution itself gave wrong numbers (errors of ~100%, inf, NaN) for the (1, 16)
+    kernel over 16 columns (the example row-band tokenizer's), on an Intel Xeon with AMX."""
+    torch.manual_seed(0)
+    tok = PatchTokenizer(tuple("abc"[: len(patch)]), patch, in_channels=channels, hidden_size=128)
+    conv = getattr(torch.nn.functional, f"conv{len(patch)}d")
+    for batch in (8, 32, 8, 32, 16):
+        x = torch.randn(batch, channels, *size)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            tokens, grid = tok.tokenize(x)
+        assert tokens.dtype == dtype and grid == tuple(s // p for s, p in zip(size, patch))
+        ref = conv(x.double(), tok.proj.weight.double(), tok.proj.bias.double(), stride=patch)
+        ref = ref.flatten(2).transpose(1, 2)  # (B, N, hidden)
+        error = float((tokens.double() - ref).abs().max() / ref.abs().max())
+        assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5), (batch, error)
+
+
 def test_token_order_is_row_major_over_the_grid():
     tok = tokenizers.build("patch2d", patch_size=2, in_channels=1, hidden_size=4)
     identity_projection(tok)

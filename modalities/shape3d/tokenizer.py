@@ -97,7 +97,7 @@ class TriplaneTokenizer(PatchTokenizer):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got {x.shape[1]}")
         grid = PatchTokenizer.grid_for(self, x.shape[2:])  # (3, R/p, R/p)
-        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, 3·h·w, D)
+        tokens = self.embed_patches(x)  # (B, 3·h·w, D)
         per_plane = grid[1] * grid[2]
         plane = self.plane_embed.to(tokens.dtype).repeat_interleave(per_plane, dim=0)  # (N, D)
         return tokens + plane, grid
