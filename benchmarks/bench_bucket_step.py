@@ -27,14 +27,13 @@ Writes benchmarks/results/bucket_step.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import time
 from collections.abc import Callable
 
 import torch
-from common import alternate, markdown_table, run_mode, use_ditx_allocator, write_results
+from common import alternate, bench_parser, markdown_table, run_mode, use_ditx_allocator, write_results
 
 from ditx.build import build_components
 from ditx.precision import resolve_precision
@@ -86,11 +85,7 @@ def per_token_clean_frames(model):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny sizes, to test the script
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bucket_step.json)")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, "bucket_step", "3 repeats instead of 7").parse_args()
     mode = run_mode(args)
     use_ditx_allocator()
     torch._dynamo.config.recompile_limit = 64  # every bucket's graph, for each compiled candidate

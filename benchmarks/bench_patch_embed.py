@@ -15,11 +15,10 @@ Writes benchmarks/results/patch_embed.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
-from common import alternate, markdown_table, run_mode, write_results
+from common import alternate, bench_parser, markdown_table, run_mode, write_results
 
 from ditx.tokenizer import PatchTokenizer
 
@@ -51,11 +50,7 @@ def candidates(tok: PatchTokenizer, x: torch.Tensor, dtype: torch.dtype):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 repeats instead of 20")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny sizes, to test the script
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/patch_embed.json)")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, "patch_embed", "5 repeats instead of 20").parse_args()
     mode = run_mode(args)
     repeats = {"smoke": 1, "quick": 5, "full": 20}[mode]
     rows, doc = [], {}

@@ -7,6 +7,7 @@ candidate (``peak_memory_mb``), since a CPU process has no allocator statistics 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -168,6 +169,16 @@ MODE_FLAGS = {"smoke": ["--smoke"], "quick": ["--quick"], "full": []}  # what a 
 def run_mode(args: Any) -> str:
     """ "smoke" (tiny sizes, to test a script), "quick" or "full", from a script's parsed arguments."""
     return "smoke" if getattr(args, "smoke", False) else "quick" if getattr(args, "quick", False) else "full"
+
+
+def bench_parser(doc: str, name: str, quick: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags they share: ``--quick`` (``quick`` says what it cuts),
+    ``--smoke`` (tiny sizes, to test the script; hidden) and ``--out`` (default results/<name>.json)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{name}.json)")
+    return parser
 
 
 def write_results(name: str, doc: dict[str, Any], out: str | Path | None = None) -> Path | None:
